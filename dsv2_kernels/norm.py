@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _library as lib
-from .checks import check_same_device, check_tensor
+from .checks import check_same_device, check_tensor, fail
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -33,14 +33,14 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
 def _check_rms_norm(op: str, x, weight, eps, residual=None):
     check_tensor(op, "x", x, dtype=_FLOAT_DTYPES, last_dim_contiguous=True)
     if x.dim() < 1 or x.size(-1) == 0:
-        check_tensor(op, "x", x, shape=(None, None))  # raises with the shape in the message
+        fail(op, "x", f"must have a non-empty last dimension, got shape {tuple(x.shape)}")
     hidden = x.size(-1)
     check_tensor(op, "weight", weight, dtype=_FLOAT_DTYPES, shape=(hidden,), contiguous=True)
     if residual is not None:
         check_tensor(op, "residual", residual, dtype=x.dtype, shape=tuple(x.shape), last_dim_contiguous=True)
     check_same_device(op, x=x, weight=weight, residual=residual)
     if not (eps > 0):
-        raise ValueError(f"dsv2_kernels.{op}: argument 'eps' must be > 0, got {eps}")
+        fail(op, "eps", f"must be > 0, got {eps}")
 
 
 def _rms_norm_impl(x, weight, eps):
