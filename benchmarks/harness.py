@@ -1,6 +1,7 @@
 """One way to time an op and report it.
 
-* Timing: CUDA events around each call, median over many calls. Inputs are rotated over enough copies that their
+* Timing: CUDA events around each call, median over many calls, all enqueued behind a spin kernel so launch
+  overhead on the host is not counted (the runner replays CUDA graphs, where it does not exist either). Inputs are rotated over enough copies that their
   total size exceeds several times the L2 (the H200 has 60 MB), so each call reads from HBM as in a real model
   rather than from a warm cache.
 * Report: time, TFLOP/s, GB/s and % of the ceilings measured on the H200, with a peer (torch, or another library)
@@ -17,6 +18,7 @@ import json
 import platform
 import statistics
 import subprocess
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -79,9 +81,15 @@ def time_cuda(
     size = max(_nbytes(first), 1)
     while len(copies) < max_copies and size * len(copies) < 3 * L2_BYTES:
         copies.append(make_inputs())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for i in range(warmup):
         fn(copies[i % len(copies)])
+    cpu_per_call = (time.perf_counter() - t0) / warmup  # an upper bound on the host's enqueue cost per call
     torch.cuda.synchronize()
+    # Park the GPU on a spin kernel while the host enqueues every timed call, so each event pair measures GPU time
+    # only: without it, small kernels would be timed at the speed of the Python launch path.
+    torch.cuda._sleep(int(min(cpu_per_call * iters * 1.5, 2.0) * 2.0e9))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):

@@ -1,7 +1,7 @@
 // Declarations of every CUDA kernel entry point, one section per family. Registered in torch_bindings.cpp.
 #pragma once
 
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -98,8 +98,8 @@ SHAPES = [(1, 8), (5, 2048), (33, 5120), (7, 1408), (4, 576), (3, 511), (2, 4000
 
 @pytest.mark.gpu
 @requires_cuda_kernel("fused_add_rms_norm")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("wdtype", ["same", "float32"])
 def test_kernel_matches_reference(dtype, shape, wdtype):
     g = torch.Generator(device="cuda").manual_seed(hash(shape) % 1000)

@@ -2,7 +2,8 @@
 // these keep a direct torch.ops call from ever reaching a kernel with arguments it would mishandle.
 #pragma once
 
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 // DSV2_CHECK(cond, "op", "arg", streamable message...): error text "dsv2_kernels.op: argument 'arg' <message>".
 #define DSV2_CHECK(cond, op, arg, ...) \

@@ -6,9 +6,7 @@
 // Rows wider than VPT * 1024 * (16 / sizeof(T)) elements, or rows whose width or alignment rules out 16-byte access,
 // take the generic kernel, which re-reads the row (from L2) instead of holding it.
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/all.h>
+#include "../common/torch_cuda.h"
 
 #include "../common/checks.h"
 #include "../common/vec.cuh"
@@ -114,7 +112,7 @@ template <typename T, typename W, bool kAdd>
 void launch(at::Tensor& out, at::Tensor* residual_out, const at::Tensor& x, const at::Tensor* residual,
             const at::Tensor& weight, double eps, int64_t rows, int hidden, int64_t x_stride, int64_t res_stride) {
   if (rows == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   T* o = reinterpret_cast<T*>(out.data_ptr());
   T* ro = kAdd ? reinterpret_cast<T*>(residual_out->data_ptr()) : nullptr;
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
