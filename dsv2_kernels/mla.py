@@ -175,22 +175,36 @@ def compress_kv_ref(
     c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     k_pe = _rope_fp32(xf[:, KV_LORA_RANK:], positions, cos_sin_cache)
 
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
     if kv_cache.dtype == FP8:
         # Quantized from the fp32 values (not from their bf16 rounding): one rounding, to e4m3, in the cache.
         c_scale = c.abs().amax(-1, keepdim=True).clamp_min(_AMAX_FLOOR) / FP8_MAX
         k_scale = k_pe.abs().amax(-1, keepdim=True).clamp_min(_AMAX_FLOOR) / FP8_MAX
         row = torch.cat((c / c_scale, k_pe / k_scale), dim=-1).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        kv_scale.view(-1, 2)[slots] = torch.cat((c_scale, k_scale), dim=-1)[keep]
+        _scatter_rows(kv_scale.view(-1, 2), slot_mapping, torch.cat((c_scale, k_scale), dim=-1))
     else:
         row = torch.cat((c, k_pe), dim=-1).to(kv_cache.dtype)
-    _raw(kv_cache).view(-1, KV_DIM)[slots] = _raw(row[keep])
+    _scatter_rows(_raw(kv_cache).view(-1, KV_DIM), slot_mapping, _raw(row))
 
     if not return_normed:
         empty = kv_a.new_empty((0,))
         return empty, empty.clone()
     return c.to(kv_a.dtype), k_pe.to(kv_a.dtype)
+
+
+def _scatter_rows(dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst[slots[t]] = rows[t] for slots[t] >= 0, with no host sync (so it can be captured in a CUDA graph).
+
+    A skipped token (slot < 0) re-writes the row of the first kept token to that token's slot: a duplicate write of
+    identical bytes, harmless in any order. When no token is kept, a row is re-written with its own old content.
+    """
+    if slots.numel() == 0:
+        return
+    keep = slots >= 0
+    first = torch.argmax(keep.to(torch.int32))  # first kept token, or 0 when none is kept
+    src = torch.where(keep, torch.arange(slots.numel(), device=slots.device), first)
+    index = slots[src].long().clamp_min(0)
+    values = torch.where(keep.any(), rows[src], dst[index])
+    dst[index] = values
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, first_visible_end: int | None):
@@ -225,21 +239,35 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fir
 
 
 def decode_attention_ref(q, kv_cache, kv_scale, block_table, cache_seqlens, softmax_scale, causal):
+    # Written without host syncs (no .tolist(), no boolean indexing), so the runner can capture the reference decode
+    # step in a CUDA graph: every batch entry gathers all max_blocks pages of its table and masks what it may not see.
     batch, s_q, heads, _ = q.shape
-    block_size = kv_cache.shape[1]
-    out = q.new_zeros(batch, s_q, heads, KV_LORA_RANK)
-    lse = q.new_full((batch, heads, s_q), float("inf"), dtype=torch.float32)
-    for b, length in enumerate(cache_seqlens.tolist()):
-        if length == 0:
-            continue
-        # Only the pages holding tokens [0, length) are read: unused pages and slots may hold anything.
-        pages = block_table[b, : (length + block_size - 1) // block_size].long()
-        rows = _raw(kv_cache)[pages].view(kv_cache.dtype)
-        rows = dequant_kv_cache(rows, None if kv_scale is None else kv_scale[pages])
-        rows = rows.reshape(-1, KV_DIM)[:length].unsqueeze(1)  # [L, 1, 576], shared by every head
-        first_end = length - s_q + 1 if (causal and s_q > 1) else None
-        o, l = _attend(q[b], rows, rows[..., :KV_LORA_RANK], softmax_scale, first_end)
-        out[b], lse[b] = o.to(out.dtype), l
+    num_blocks, block_size = kv_cache.shape[:2]
+    span = block_table.shape[1] * block_size
+    out = q.new_empty(batch, s_q, heads, KV_LORA_RANK)
+    lse = q.new_empty(batch, heads, s_q, dtype=torch.float32)
+    pos = torch.arange(span, device=q.device)
+    # Query i (of s_q) sits at position L - s_q + i and, when causal, sees keys j <= that position.
+    shift = (s_q - 1 - torch.arange(s_q, device=q.device)) if causal else torch.zeros(s_q, device=q.device)
+    chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, span * max(KV_DIM, heads * s_q)))
+    for b0 in range(0, batch, chunk):
+        b1 = min(batch, b0 + chunk)
+        # Entries past a sequence's last page may hold anything: clamp them to a real page, masked below.
+        pages = block_table[b0:b1].long().clamp(0, num_blocks - 1)
+        rows = dequant_kv_cache(_raw(kv_cache)[pages].view(kv_cache.dtype),
+                                None if kv_scale is None else kv_scale[pages]).reshape(b1 - b0, span, KV_DIM)
+        length = cache_seqlens[b0:b1].long()
+        rows = torch.where((pos[None, :] < length[:, None])[..., None], rows, 0.0)  # unused slots may be NaN
+        visible = pos[None, None, :] < (length[:, None] - shift[None, :])[..., None]  # [b, s_q, span]
+        scores = torch.einsum("bqhd,bsd->bhqs", q[b0:b1].float(), rows) * softmax_scale
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        empty = m == float("-inf")  # no visible key: out 0, lse +inf
+        p = torch.exp(scores - m.masked_fill(empty, 0.0))
+        denom = p.sum(-1, keepdim=True)
+        o = torch.einsum("bhqs,bsd->bqhd", p / denom.clamp_min(1e-30), rows[..., :KV_LORA_RANK])
+        out[b0:b1] = o.to(out.dtype)
+        lse[b0:b1] = (m + denom.log()).masked_fill(empty, float("inf")).squeeze(-1)
     return out, lse
 
 

@@ -704,3 +704,47 @@ def test_kernel_bad_inputs_direct_op(name):
     call, arg = calls[name]
     with pytest.raises(ValueError, match=f"{name}.*{arg}"):
         call()
+
+
+def test_compress_kv_all_slots_skipped_leaves_cache_untouched():
+    g = torch.Generator().manual_seed(7)
+    kv_a = torch.randn(5, mla.KV_DIM, generator=g).bfloat16()
+    cache = torch.randn(3, 4, mla.KV_DIM, generator=g).bfloat16()
+    before = cache.clone()
+    cos_sin = mla.rope_cos_sin_cache(max_position=64)
+    mla.compress_kv(kv_a, torch.rand(512, generator=g) + 0.5, 1e-6, torch.arange(5), cos_sin,
+                    torch.full((5,), -1), cache)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.gpu
+def test_references_capture_in_cuda_graph():
+    """The runner captures its decode step, reference path included: compress_kv and decode_attention's references
+    must not sync the host (a sync inside capture raises)."""
+    dev, g = "cuda", torch.Generator(device="cuda").manual_seed(3)
+    B, H, blocks, bs = 4, 16, 24, 16
+    cache = torch.randn(blocks, bs, mla.KV_DIM, device=dev, generator=g).bfloat16()
+    table = torch.randperm(blocks, device=dev, generator=g)[: B * 6].view(B, 6).int()
+    lens = torch.tensor([0, 5, 40, 96], device=dev, dtype=torch.int32)
+    q = torch.randn(B, 1, H, mla.KV_DIM, device=dev, generator=g).bfloat16()
+    kv_a = torch.randn(B, mla.KV_DIM, device=dev, generator=g).bfloat16()
+    w = torch.rand(512, device=dev, generator=g) + 0.5
+    cos_sin = mla.rope_cos_sin_cache(max_position=128, device=dev)
+    slots = torch.tensor([-1, 3, 77, 200], device=dev)
+    pos = torch.tensor([0, 4, 39, 95], device=dev)
+    with dsv2_kernels.kernels("none"):
+        want_cache = cache.clone()
+        mla.compress_kv(kv_a, w, 1e-6, pos, cos_sin, slots, want_cache)
+        want = mla.decode_attention(q, want_cache, None, table, lens, 0.1, True)
+        graph = torch.cuda.CUDAGraph()
+        dsv2_kernels.set_value_checks(False)
+        try:
+            with torch.cuda.graph(graph):
+                mla.compress_kv(kv_a, w, 1e-6, pos, cos_sin, slots, cache)
+                got = mla.decode_attention(q, cache, None, table, lens, 0.1, True)
+        finally:
+            dsv2_kernels.set_value_checks(True)
+        graph.replay()
+    assert torch.equal(cache, want_cache)
+    assert_close(got[0], want[0], atol=1e-2, rtol=1e-2, what="out")
+    assert_close(got[1], want[1], atol=1e-4, rtol=1e-4, what="lse")
