@@ -91,7 +91,7 @@ def route_ref(
         kept = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device)
         kept.scatter_(1, _sort_desc(group_scores)[:, :topk_group], True)
         # -inf, not HF's 0.0: an expert of a dropped group can never be picked, even where scores underflow to 0
-        choice = choice.masked_fill(~kept.repeat_interleave(e // n_group, dim=1), float("-inf"))
+        choice = grouped.masked_fill(~kept.unsqueeze(-1), float("-inf")).view(t, e)
     ids = _sort_desc(choice)[:, :top_k]
     weights = scores.gather(1, ids)
     if norm_topk_prob:
@@ -102,11 +102,14 @@ def route_ref(
 
 def _expert_ranks(topk_ids: torch.Tensor, num_experts: int):
     """For each copy (token, slot), flattened: its expert (``num_experts`` where not routed), its position among the
-    copies of that expert in (token, slot) order; and the number of copies per expert."""
+    copies of that expert in (token, slot) order; and the number of copies per expert.
+
+    No host sync anywhere (the runner captures the reference path in CUDA graphs too): counts by scatter_add (not
+    bincount, which reads the max on the host), ranks from a stable sort of the expert keys."""
     key = topk_ids.reshape(-1).long()
     key = torch.where(key >= 0, key, num_experts)  # not routed: an extra bucket after every expert
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1)
+    order = torch.sort(key, stable=True).indices  # by (expert, token, slot): the flat index breaks ties
+    counts = key.new_zeros(num_experts + 1).scatter_add_(0, key, torch.ones_like(key))
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(key)
     rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
@@ -114,12 +117,13 @@ def _expert_ranks(topk_ids: torch.Tensor, num_experts: int):
 
 
 def _scatter_rows(hidden: torch.Tensor, dest: torch.Tensor, num_rows: int, top_k: int) -> torch.Tensor:
-    """``[num_rows, H]`` zeros with ``hidden[c // top_k]`` copied to row ``dest[c]`` for each copy c with dest >= 0."""
-    rows = hidden.new_zeros(num_rows, hidden.size(1))
-    routed = dest >= 0
+    """``[num_rows, H]`` zeros with ``hidden[c // top_k]`` copied to row ``dest[c]`` for each copy c with dest >= 0.
+
+    Copies with dest < 0 land in a spare last row that is sliced off (a boolean mask would sync the host)."""
+    rows = hidden.new_zeros(num_rows + 1, hidden.size(1))
     src = torch.arange(dest.numel(), device=hidden.device) // top_k
-    rows[dest[routed]] = hidden[src[routed]]
-    return rows
+    rows[torch.where(dest >= 0, dest, num_rows)] = hidden[src]
+    return rows[:num_rows]
 
 
 def _quantize_rows(rows: torch.Tensor, quant_fp8: bool):
@@ -143,8 +147,9 @@ def dispatch_contiguous_ref(
     offsets = F.pad(padded.cumsum(0), (1, 0))  # [E + 1]; offsets[E] (the not-routed bucket) = rows used
     token_row = torch.where(key < num_experts, offsets[key] + rank, -1)
     rows = _scatter_rows(hidden, token_row, num_rows, k)
-    row_expert = torch.full((num_rows,), -1, dtype=torch.int32, device=hidden.device)
-    row_expert[token_row[token_row >= 0]] = key[token_row >= 0].to(torch.int32)
+    row_expert = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=hidden.device)  # + a trash entry
+    row_expert[torch.where(token_row >= 0, token_row, num_rows)] = key.to(torch.int32)
+    row_expert = row_expert[:num_rows]
     rows, row_scales = _quantize_rows(rows, quant_fp8)
     return rows, row_scales, offsets.to(torch.int32), row_expert, token_row.view(t, k).to(torch.int32)
 
@@ -167,11 +172,16 @@ def combine_ref(
 ) -> torch.Tensor:
     """See :func:`combine`. Plain PyTorch, any device, no checks."""
     flat = expert_out.reshape(-1, expert_out.size(-1))
+    if flat.size(0) == 0:  # then every entry is skipped; a zero row keeps the gather below in bounds
+        flat = flat.new_zeros(1, flat.size(1))
     acc = torch.zeros(token_row.size(0), flat.size(1), dtype=torch.float32, device=flat.device)
     for slot in range(token_row.size(1)):  # fixed slot order: the sum is deterministic
         r = token_row[:, slot].long()
-        hit = r >= 0  # skipped rows are never read, so whatever they hold (NaN included) cannot leak in
-        acc[hit] += topk_weights[hit, slot, None].float() * flat[r[hit]].float()
+        hit = (r >= 0).unsqueeze(1)
+        # Skipped entries gather row 0 and add exactly +0.0 (acc is never -0.0), so whatever the unreferenced rows
+        # hold (NaN included) cannot leak in; no boolean-mask indexing, which would sync the host.
+        term = topk_weights[:, slot, None].float() * flat[torch.where(r >= 0, r, 0)].float()
+        acc += torch.where(hit, term, 0.0)
     if shared_out is not None:
         acc += shared_out.float()
     return acc.to(torch.bfloat16)

@@ -715,6 +715,75 @@ def test_kernel_decode_layer_cuda_graph():
 
 @pytest.mark.gpu
 @requires_cuda_kernel("dispatch_contiguous")
+@requires_cuda_kernel("dispatch_masked")
+def test_kernel_dispatch_large_cuda_graph():
+    """Above 4096 copies the dispatch is two kernels (a count kernel, then the copy kernel, programmatically
+    dependent when run eagerly, ordinarily dependent under capture): both launch paths give the same bits."""
+    t, k, e, h = 2048, 6, 160, 2048
+    hidden, ids = _cuda(hidden_for(t, h, seed=21), routing("random", t, k, e, seed=21))
+    calls = [lambda: moe.dispatch_contiguous(hidden, ids, e, 128, True),
+             lambda: moe.dispatch_masked(hidden, ids, e, 64, True)]
+    checks_were_on = dsv2_kernels._library._value_checks
+    dsv2_kernels.set_value_checks(False)
+    try:
+        for call in calls:
+            want = call()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = call()
+            graph.replay()
+            _assert_dispatch_equal(got, want, True, "graph replay")
+    finally:
+        dsv2_kernels.set_value_checks(checks_were_on)
+
+
+@pytest.mark.gpu
+def test_reference_decode_layer_cuda_graph():
+    """The references have no host sync (the runner captures its decode step on the reference path too): route ->
+    masked dispatch (fp8, with drops beyond max_m) -> stand-in expert -> combine, forced to the references, run eagerly
+    with sync debugging set to raise, captured once, replayed with new inputs, equal to an eager rerun."""
+    cfg, e, t, h, max_m = CONFIGS["v2"], 160, 16, 5120, 2
+    logits, hidden = _cuda(make_logits(t, e, cfg, seed=11), hidden_for(t, h, seed=11))
+    logits[:8] = logits[:1]  # 8 tokens with one routing: their experts get 8 copies > max_m, so some are dropped
+
+    def layer():
+        ids, w = moe.route(logits, **cfg)
+        rows, scales, counts, token_row = moe.dispatch_masked(hidden, ids, e, max_m, True)
+        y = dsv2_kernels.fp8.dequant_per_token_group(rows, scales, torch.bfloat16)
+        return moe.combine(y, token_row, w, hidden), counts, token_row, ids
+
+    checks_were_on = dsv2_kernels._library._value_checks
+    dsv2_kernels.set_value_checks(False)
+    try:
+        with dsv2_kernels.kernels("none"):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                layer()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                layer()  # warm up on the capture stream
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = layer()
+            logits.copy_(make_logits(t, e, cfg, seed=12).cuda())
+            logits[3:9] = logits[3]
+            hidden.copy_(hidden_for(t, h, seed=12).cuda())
+            graph.replay()
+            want = layer()
+    finally:
+        dsv2_kernels.set_value_checks(checks_were_on)
+    assert int(want[1].max()) > max_m and (want[2] < 0).any(), "the replay should drop copies beyond max_m"
+    for a, b, what in zip(got, want, ("out", "counts", "token_row", "ids")):
+        assert torch.equal(a, b), f"graph replay vs eager: {what}"
+
+
+@pytest.mark.gpu
+@requires_cuda_kernel("dispatch_contiguous")
 def test_kernel_bad_inputs_direct_op():
     """The torch ops called directly (no Python wrapper) must still reject bad metadata in C++."""
     hidden = torch.randn(4, 256, device="cuda").bfloat16()

@@ -1,0 +1,132 @@
+"""MLA decode attention (``mla.decode_attention``) vs a torch version over the gathered cache.
+
+    python -m benchmarks.bench_mla_decode [--quick] [--block-size 64] [--json out.json] [--md out.md]
+
+Sweep: B=128, s_k in {1024, 4096, 8192, 16384}, fixed lengths and variable ones (uniform in [s_k/4, 7 s_k/4], mean
+s_k), H in {16, 32, 64, 128}, s_q in {1, 2} (causal), bf16 and FP8 (e4m3 + per-token scales) cache, page 64 by
+default. Bytes = the cache rows of every sequence read once (FP8: plus 8 bytes of scales per token) + q + out;
+FLOPs = 2 * s_q * H * sum(L_b) * (576 + 512). The torch version gathers each sequence's pages into a dense
+[B, max L, 576] tensor (FP8: dequantized to bf16), then runs two bf16 bmm with an fp32 masked softmax between them.
+
+Prediction (design in csrc/mla/decode_attention.cu: 64 query rows per CTA, 64-token tiles, cp.async two tiles ahead,
+warpgroup 0 does Q K^T + softmax, both warpgroups P V; scheduler + main + combine kernels per call):
+* Per tile and 64-row block, the CTA spends ~2,200 tensor-core cycles at peak rate (36 wgmma m64n64k16 fed from
+  shared memory at ~128 B/cycle, so realistically ~1,500 + 1,024 for P V) plus ~800 cycles with the tensor cores idle
+  (softmax on warpgroup 0, rescale, three CTA barriers): ~3,300 cycles, 1.8-2.2 us.
+* Memory-bound (H * s_q <= 32: one row block, rows padded to 64), bf16: a tile is 73.7 KB, ~2.9 us of each SM's HBM
+  share at 3.3 TB/s, more than its compute, and 1-2 tiles stay in flight per SM (~15 MB in all, enough for HBM's
+  latency), so loads set the pace: 3.0-3.4 TB/s at s_k >= 4096 (the 3.2 TB/s bar is in range, not assured). At
+  s_k = 1024 each CTA has ~16 tiles, so pipeline fill plus the scheduler and combine launches (~6-8 us against
+  ~45 us of traffic) give 2.4-2.8 TB/s.
+* H = 128 (two row blocks; each KV tile is read by two co-resident CTAs, the second mostly from L2): compute-bound at
+  ~2 us per tile and block: 380-470 TFLOP/s (50-63% of the 744 TFLOP/s GEMM ceiling), the 460 TFLOP/s bar at the top
+  of that range. The idle tensor time during the softmax is the lever: overlapping it with the other tile's MMAs
+  (FlashMLA-style ping-pong of two tiles between the warpgroups) needs the shared-memory budget reworked.
+* FP8 cache: bytes halve (1.2-1.5 us of HBM time per tile) but each tile still costs the padded 64-row MMA plus a
+  dequantization pass (~0.6 us, not overlapped: one bf16 tile buffer fits), so FP8 turns compute-bound at small H:
+  1.1-1.3x the bf16 tokens/s, short of the 1.6x bar. Reaching it needs less MMA per token at small H (a transposed
+  K Q^T / V^T P^T formulation with N = H * s_q instead of 64 padded rows, which also frees shared memory for a second
+  bf16 buffer) or Q K^T in FP8.
+* The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
+  and three extra passes; expected 5-20x slower.
+"""
+
+import torch
+
+from benchmarks.harness import Result, cli, time_cuda
+from dsv2_kernels import mla
+
+KV_DIM, V_DIM = 576, 512
+
+
+def make_case(batch, s_q, heads, lens, block_size, fp8, device="cuda"):
+    """Random paged cache (pages of the batch shuffled), block table, q; returns a dict of inputs."""
+    pages = [(int(n) + block_size - 1) // block_size for n in lens]
+    max_blocks = max(max(pages), 1)
+    num_blocks = sum(pages) + 1
+    perm = torch.randperm(num_blocks, device=device).int()
+    table = torch.zeros(batch, max_blocks, dtype=torch.int32, device=device)
+    start = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = perm[start : start + n]
+        start += n
+    cache = torch.randn(num_blocks, block_size, KV_DIM, device=device, dtype=torch.bfloat16)
+    scale = None
+    if fp8:
+        scale = torch.rand(num_blocks, block_size, 2, device=device) / 100 + 1e-3
+        cache = (cache.float() * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    q = torch.randn(batch, s_q, heads, KV_DIM, device=device, dtype=torch.bfloat16)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return dict(q=q, cache=cache, scale=scale, table=table, lens=seqlens)
+
+
+def torch_decode(q, cache, scale, table, lens, sm_scale, max_len):
+    """Gather the pages densely, bf16 bmm -> fp32 masked softmax -> bf16 bmm."""
+    batch, s_q, heads, _ = q.shape
+    block_size = cache.shape[1]
+    nb = (max_len + block_size - 1) // block_size
+    pages = table[:, :nb].long()
+    if scale is None:
+        kv = cache[pages].view(batch, nb * block_size, KV_DIM)
+    else:
+        raw = cache.view(torch.uint8)[pages].view(torch.float8_e4m3fn).float()
+        s = scale[pages]
+        kv = torch.cat((raw[..., :V_DIM] * s[..., :1], raw[..., V_DIM:] * s[..., 1:]), -1)
+        kv = kv.to(torch.bfloat16).view(batch, nb * block_size, KV_DIM)
+    span = kv.shape[1]
+    scores = torch.bmm(q.view(batch, s_q * heads, KV_DIM), kv.transpose(1, 2)).view(batch, s_q, heads, span)
+    pos = torch.arange(span, device=q.device)
+    ends = lens[:, None] - s_q + 1 + torch.arange(s_q, device=q.device)[None, :]  # causal, end-aligned
+    mask = pos[None, None, :] < ends[..., None]
+    p = torch.softmax(scores.float().mul_(sm_scale).masked_fill_(~mask[:, :, None, :], float("-inf")), dim=-1)
+    out = torch.bmm(p.to(torch.bfloat16).view(batch, s_q * heads, span), kv[..., :V_DIM])
+    return out.view(batch, s_q, heads, V_DIM)
+
+
+def run(args):
+    torch.manual_seed(0)
+    batch, bs = 128, args.block_size
+    s_ks = [4096] if args.quick else [1024, 4096, 8192, 16384]
+    heads_list = [16, 128] if args.quick else [16, 32, 64, 128]
+    s_qs = [1] if args.quick else [1, 2]
+    sm_scale = mla.softmax_scale(192)
+    results = []
+    for s_k in s_ks:
+        for variable in (False, True):
+            if variable:
+                lens = torch.randint(s_k // 4, 7 * s_k // 4 + 1, (batch,)).tolist()
+            else:
+                lens = [s_k] * batch
+            total = sum(lens)
+            for fp8 in (False, True):
+                for heads in heads_list:
+                    for s_q in s_qs:
+                        def make():
+                            return make_case(batch, s_q, heads, lens, bs, fp8)
+
+                        row_bytes = KV_DIM * (1 if fp8 else 2) + (8 if fp8 else 0)
+                        nbytes = total * row_bytes + batch * s_q * heads * (KV_DIM + V_DIM) * 2
+                        flops = 2.0 * s_q * heads * total * (KV_DIM + V_DIM)
+                        ceiling = "copy" if heads * s_q <= 64 else "bf16"
+                        case = (f"s_k={s_k}{' var' if variable else ''} H={heads} s_q={s_q} "
+                                f"{'fp8' if fp8 else 'bf16'}")
+                        ours = lambda i: mla.decode_attention(i["q"], i["cache"], i["scale"], i["table"],  # noqa: E731
+                                                              i["lens"], sm_scale, True)
+                        results.append(Result(case, "dsv2_kernels", time_cuda(ours, make), flops, nbytes, ceiling))
+                        r = results[-1]
+                        print(f"{case}: {r.median_us:.1f} us, {r.gbps:.0f} GB/s, {r.tflops:.0f} TFLOP/s", flush=True)
+                        if not args.no_torch:
+                            ref = lambda i: torch_decode(i["q"], i["cache"], i["scale"], i["table"],  # noqa: E731
+                                                         i["lens"], sm_scale, max(lens))
+                            results.append(Result(case, "torch (gathered bmm)", time_cuda(ref, make, iters=20),
+                                                  flops, nbytes, ceiling))
+    return results
+
+
+def add_args(parser):
+    parser.add_argument("--block-size", type=int, default=64, help="page size of the paged cache")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch version")
+
+
+if __name__ == "__main__":
+    cli("MLA decode attention (B=128, causal)", "mla_decode", run, add_args)

@@ -1,0 +1,106 @@
+// fp8_grouped_gemm_contiguous: row r of a [R, K] times expert row_expert[r]'s weight, for the dispatch's layout:
+// each expert's rows one contiguous segment (valid rows first, then -1 padding up to a multiple of 128), experts in
+// any order, absent experts allowed.
+//
+// A scan kernel finds each expert's segment [first, last] on the GPU (no host sync, CUDA-graph safe): a row starts a
+// segment where its predecessor holds another value and ends one where its successor does; the starts and ends are
+// reduced with atomicMax into a zeroed scratch (first as R - first, so that 0 means "absent") and the starts counted.
+// The block that finishes last writes the grouped kernel's per-group arrays: group e covers rows [first_e, last_e],
+// trailing padding excluded, and the grouped kernel (fp8_grouped_gemm.cu) runs over the E groups.
+//
+// Rows with row_expert -1 (or out of range) are not written: their values are unspecified. An expert whose rows are
+// not one contiguous segment (not the dispatch's layout) is skipped entirely and its rows left unwritten, rather than
+// computing rows that belong to other experts.
+
+#include "gemm_common.cuh"
+
+namespace dsv2 {
+namespace fp8 {
+namespace {
+
+constexpr int kScanThreads = 256;
+
+// scratch: lo[E] (R - first row), hi[E] (last row + 1), starts[E], done (blocks finished); zeroed before the launch.
+__global__ void __launch_bounds__(kScanThreads)
+    contiguous_groups_kernel(GroupArrays g, GroupCommon c, const int* __restrict__ row_expert, int rows,
+                             int num_experts, int* scratch) {
+  int* lo = scratch;
+  int* hi = scratch + num_experts;
+  int* starts = scratch + 2 * num_experts;
+  unsigned* done = reinterpret_cast<unsigned*>(scratch + 3 * num_experts);
+
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+    const int e = row_expert[r];
+    if (e < 0 || e >= num_experts) continue;
+    const int prev = r > 0 ? row_expert[r - 1] : -1;
+    const int next = r + 1 < rows ? row_expert[r + 1] : -1;
+    if (prev != e) {
+      atomicMax(&lo[e], rows - r);
+      atomicAdd(&starts[e], 1);
+    }
+    if (next != e) atomicMax(&hi[e], r + 1);
+  }
+
+  // The last block to finish sees every block's atomics (threadfence before the counter, L2 reads after).
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    const int first = rows - __ldcg(&lo[e]);
+    const bool one_segment = __ldcg(&starts[e]) == 1;
+    const int m = one_segment ? __ldcg(&hi[e]) - first : 0;
+    const int64_t row0 = m > 0 ? first : 0;
+    write_group(g, c, e, m, row0 * c.lda, row0, row0 * c.n);
+  }
+}
+
+}  // namespace
+}  // namespace fp8
+
+at::Tensor fp8_grouped_gemm_contiguous_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                                            const at::Tensor& b_scales, const at::Tensor& row_expert) {
+  using namespace fp8;
+  const char* op = "fp8_grouped_gemm_contiguous";
+  check_cuda(op, "a", a);
+  check_device(op, "a_scales", a_scales, a);
+  check_device(op, "b", b, a);
+  check_device(op, "b_scales", b_scales, a);
+  check_device(op, "row_expert", row_expert, a);
+  DSV2_CHECK(a.scalar_type() == at::kFloat8_e4m3fn, op, "a", "must have dtype float8_e4m3fn, got ", a.scalar_type());
+  DSV2_CHECK(a.dim() == 2, op, "a", "must have 2 dimensions, got shape ", a.sizes());
+  const int64_t n = check_gemm_operands(op, a, a_scales, b, b_scales, /*batched_b=*/true);
+  const int64_t rows = a.size(0), k = a.size(1), num_experts = b.size(0);
+  DSV2_CHECK(row_expert.scalar_type() == at::kInt, op, "row_expert", "must have dtype int32, got ",
+             row_expert.scalar_type());
+  DSV2_CHECK(row_expert.dim() == 1 && row_expert.size(0) == rows, op, "row_expert", "must have shape (", rows,
+             ",), got ", row_expert.sizes());
+  DSV2_CHECK(row_expert.is_contiguous(), op, "row_expert", "must be contiguous, got strides ", row_expert.strides());
+  DSV2_CHECK(rows < INT_MAX && num_experts < INT_MAX && n < INT_MAX && k < INT_MAX, op, "a",
+             "is too large for the CUDA kernel: every dimension must be < 2^31, got shape ", a.sizes());
+
+  at::Tensor out = at::empty({rows, n}, a.options().dtype(at::kBFloat16));
+  if (rows == 0 || num_experts == 0) return out;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor a2 = tma_rows(a), b2 = tma_rows(b), sa = column_major_scales(a_scales);
+  const int e = static_cast<int>(num_experts), r = static_cast<int>(rows);
+  const size_t scratch_bytes = sizeof(int) * (3 * static_cast<size_t>(e) + 1);
+  at::Tensor meta =
+      at::empty({static_cast<int64_t>(GroupArrays::bytes(e, scratch_bytes))}, a.options().dtype(at::kByte));
+  int* scratch = static_cast<int*>(meta.data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(scratch, 0, scratch_bytes, stream));
+  const GroupArrays g = GroupArrays::carve(meta.data_ptr(), e, scratch_bytes);
+  const GroupCommon c = group_common(a2, sa, b2, b_scales, out);
+  const int blocks = std::min((r + kScanThreads - 1) / kScanThreads, 2 * sm_count(a.get_device()));
+  contiguous_groups_kernel<<<blocks, kScanThreads, 0, stream>>>(g, c, row_expert.data_ptr<int>(), r, e, scratch);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_grouped_gemm(g, e, a, stream, op);
+  return out;
+}
+
+}  // namespace dsv2

@@ -1,0 +1,488 @@
+// MLA decode attention (absorbed MLA over the paged latent cache) for sm_90a, and its C++ entry.
+//
+// Grid: (CTA parts of the split-KV schedule, 64-row query blocks). A CTA owns 64 query rows (s_q x heads of one
+// sequence, padded) and walks its part's run of 64-token KV tiles, which may span several sequences. Per tile:
+//   * all 256 threads load it with 16-byte cp.async into a 128-byte-swizzled shared tile, two tiles ahead (bf16
+//     cache: two stages; e4m3 cache: two raw stages, dequantized by all threads into one bf16 tile, multiplying each
+//     token's c_kv and k_pe parts by their own scales). Each token's row address goes through the block table, so any
+//     block size works; tokens past the sequence end are zero-filled, never read (unused pages may hold NaN);
+//   * warpgroup 0 computes S = Q K^T (36 wgmma m64n64k16, Q and K from shared memory), masks the tail and the causal
+//     triangle, runs the online softmax in fp32 (exp2 of log2e-scaled scores), and writes P (bf16) and the per-row
+//     rescale factor to shared memory;
+//   * both warpgroups rescale and accumulate O += P V for their 256 output columns (4 wgmma m64n256k16, V being the
+//     same shared tile read MN-major), so the 64 x 512 fp32 accumulator takes 128 registers per thread.
+// At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence has one split, else a
+// normalized fp32 partial and its lse for decode_combine.cu.
+
+#include "../common/torch_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../ops.h"
+#include "decode_common.cuh"
+
+namespace dsv2 {
+namespace mla_decode {
+namespace {
+
+// Position of the CTA in its part's run of tiles: sequence b, tile t in it, and the sequence's length and tile count.
+struct Cursor {
+  int b, t, len, n;
+  __device__ void set(const DecodeParams& p, int b_, int t_) {
+    b = b_;
+    t = t_;
+    len = clamp_len(__ldg(p.seqlens + b), p.max_len);
+    n = ceil_div(len, kBlockN);
+  }
+  // Next tile of the run, skipping empty sequences (which the schedule gives no tiles).
+  __device__ void advance(const DecodeParams& p) {
+    if (++t < n) return;
+    t = 0;
+    len = 0;
+    while (++b < p.batch) {
+      len = clamp_len(__ldg(p.seqlens + b), p.max_len);
+      if (len > 0) break;
+    }
+    n = ceil_div(len, kBlockN);
+  }
+};
+
+// Cache row of token `tok` of sequence b. Page indices are clamped into the cache: with value checks off, a bad
+// block-table entry gives a wrong answer, never an out-of-bounds read.
+__device__ __forceinline__ int64_t cache_row(const DecodeParams& p, int b, int tok) {
+  const int page = __ldg(p.block_table + b * p.bt_stride + tok / p.block_size);
+  return static_cast<int64_t>(min(max(page, 0), p.num_blocks - 1)) * p.block_size + tok % p.block_size;
+}
+
+// A [64 x 576] bf16 tile into the swizzled shared layout: 8 threads per row (one 128-byte segment per instruction,
+// one row per 8-lane shared-memory phase: conflict-free), 32 rows per pass.
+__device__ __forceinline__ void load_rows_bf16(uint32_t dst, const uint8_t* src, bool ok, int row) {
+  const int sub = threadIdx.x & 7;
+  const uint32_t d = dst + row * 128 + ((sub ^ (row & 7)) << 4);
+#pragma unroll
+  for (int k = 0; k < 9; ++k) cp_async_16(d + k * kColBlockBytes, src + (k * 8 + sub) * 16, ok);
+}
+
+__device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int b, int m_block) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = (threadIdx.x >> 3) + 32 * half, r = m_block * kBlockM + row;
+    const bool ok = r < p.rows;  // padding rows are zero-filled
+    const int i = r / p.heads, h = r - i * p.heads;
+    const __nv_bfloat16* src = ok ? p.q + b * p.q_sb + i * p.q_ss + h * p.q_sh : p.q;
+    load_rows_bf16(dst, reinterpret_cast<const uint8_t*>(src), ok, row);
+  }
+}
+
+__device__ __forceinline__ void load_kv_bf16(const DecodeParams& p, uint32_t dst, const Cursor& c) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = (threadIdx.x >> 3) + 32 * half, tok = c.t * kBlockN + row;
+    const bool ok = tok < c.len;
+    const uint8_t* src = p.kv + (ok ? cache_row(p, c.b, tok) * (kKvDim * 2) : 0);
+    load_rows_bf16(dst, src, ok, row);
+  }
+}
+
+// Raw e4m3 rows (576 bytes, unswizzled: 4 threads per row) and the two per-token scales.
+__device__ __forceinline__ void load_kv_fp8(const DecodeParams& p, uint32_t dst, uint32_t dst_scale, const Cursor& c) {
+  const int sub = threadIdx.x & 3, row = threadIdx.x >> 2, tok = c.t * kBlockN + row;
+  const bool ok = tok < c.len;
+  const int64_t cr = ok ? cache_row(p, c.b, tok) : 0;
+  const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
+  const uint32_t d = dst + row * kKvDim + sub * 16;
+#pragma unroll
+  for (int k = 0; k < 9; ++k) cp_async_16(d + k * 64, src + k * 64, ok);
+  if (sub == 0) cp_async_8(dst_scale + row * 8, p.kv_scale + cr * 2, ok);
+}
+
+// Raw e4m3 tile -> dequantized bf16 tile in the swizzled layout. Each op turns 8 bytes into one 16-byte chunk; 8
+// consecutive lanes write 8 chunks of one row (distinct banks after the swizzle).
+__device__ __forceinline__ void dequant_tile(uint32_t dst, const uint8_t* stage, const float* scale) {
+#pragma unroll 6
+  for (int k = 0; k < kBlockN * kKvDim / 8 / kThreads; ++k) {
+    const int o = threadIdx.x + k * kThreads, row = o / 72, c8 = o - row * 72;
+    const uint2 raw = *reinterpret_cast<const uint2*>(stage + row * kKvDim + c8 * 8);
+    const float s = scale[row * 2 + (c8 >= kVDim / 8 ? 1 : 0)];
+    const uint2 lo = fp8x4_to_bf16x4(raw.x, s), hi = fp8x4_to_bf16x4(raw.y, s);
+    st_shared_v4(dst + (c8 >> 3) * kColBlockBytes + row * 128 + (((c8 & 7) ^ (row & 7)) << 4), lo.x, lo.y, hi.x,
+                 hi.y);
+  }
+}
+
+// S[64 x 64] = Q[64 x 576] K[64 x 576]^T by warpgroup 0: k step kk reads 16 columns, 32 bytes into a column block.
+__device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  fence_regs(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKvDim / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+}
+
+// O[64 x 256] += P[64 x 64] V[64 x 256]: V's 256 columns are 4 column blocks of the tile (8 KB apart), 16 tokens are
+// two 8-row groups (2 KB per k step).
+// With `restart`, O = P V instead (whatever O held, even NaN, is discarded).
+__device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v, bool restart) {
+  fence_regs(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+    wgmma_m64n256k16_ss_tb(o, smem_desc(sp + kk * 32, 16), smem_desc(v + kk * 2048, kColBlockBytes),
+                           kk > 0 || !restart);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(o);
+}
+
+// Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
+// & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). "lo" rows are r, "hi" rows r + 8.
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+  using L = Smem<kFp8>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  float* s_alpha = reinterpret_cast<float*>(smem + L::kRow);
+  float* s_l = s_alpha + kBlockM;
+  float* s_m = s_l + kBlockM;
+
+  const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
+  const int count = sched.z;
+  if (count <= 0) return;
+  const int m_block = blockIdx.y;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+
+  Cursor cur, ld;
+  cur.set(p, sched.x, sched.y);
+  ld = cur;
+  int split = sched.w;
+
+  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld
+    if constexpr (kFp8)
+      load_kv_fp8(p, base + L::kStage + (k & 1) * kFp8TileBytes, base + L::kScale + (k & 1) * kScaleTileBytes, ld);
+    else
+      load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
+    ld.advance(p);
+  };
+  // cp.async groups, one per step: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}.
+  // So at the top of step k "all but the newest group" is exactly tile k (and the Q it needs).
+  load_q(p, base + L::kQ, cur.b, m_block);
+  issue_kv(0);
+  cp_async_commit();
+  if (count > 1) issue_kv(1);
+  cp_async_commit();
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f, a_lo = 0.f, a_hi = 0.f;
+
+  for (int k = 0; k < count; ++k) {
+    const bool first = k == 0 || cur.t == 0;
+    const bool last = k == count - 1 || cur.t == cur.n - 1;
+    cp_async_wait<1>();
+    if constexpr (kFp8) {
+      __syncthreads();  // the raw tile, loaded by other threads
+      dequant_tile(base + L::kKV, smem + L::kStage + (k & 1) * kFp8TileBytes,
+                   reinterpret_cast<const float*>(smem + L::kScale + (k & 1) * kScaleTileBytes));
+    }
+    fence_proxy_async();
+    __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and the previous tile's buffers are free
+    if (first) {  // O restarts through the PV wgmma's scale-d = 0 (no register writes here)
+      m_lo = m_hi = -INFINITY;
+      l_lo = l_hi = 0.f;
+    }
+    const uint32_t kv = base + L::kKV + (kFp8 ? 0 : (k & 1) * kTileBytes);
+
+    if (wg == 0) {
+      float s[32];
+      qk_gemm(s, base + L::kQ, kv);
+      // Row i of the s_q queries sees tokens j < len - s_q + 1 + i when causal, else j < len.
+      const int tok0 = cur.t * kBlockN;
+      const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
+      if (tok0 + kBlockN > vis0) {
+        const int g_lo = m_block * kBlockM + r_lo, g_hi = g_lo + 8;
+        const int e_lo = p.causal ? min(cur.len, vis0 + g_lo / p.heads) : cur.len;
+        const int e_hi = p.causal ? min(cur.len, vis0 + g_hi / p.heads) : cur.len;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int tok = tok0 + 8 * (i >> 2) + 2 * quad + (i & 1);
+          if (tok >= ((i & 2) ? e_hi : e_lo)) s[i] = -INFINITY;
+        }
+      }
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        if (i & 2) mx_hi = fmaxf(mx_hi, s[i]);
+        else mx_lo = fmaxf(mx_lo, s[i]);
+      }
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+      }
+      // Running max in the log2 domain; a row that has seen no key yet keeps -inf and subtracts 0 instead.
+      const float n_lo = fmaxf(m_lo, mx_lo * p.scale_log2), n_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+      const float u_lo = n_lo == -INFINITY ? 0.f : n_lo, u_hi = n_hi == -INFINITY ? 0.f : n_hi;
+      a_lo = fast_exp2(m_lo - u_lo);
+      a_hi = fast_exp2(m_hi - u_hi);
+      m_lo = n_lo;
+      m_hi = n_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        if (i & 2) {
+          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_hi));
+          sum_hi += s[i];
+        } else {
+          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_lo));
+          sum_lo += s[i];
+        }
+      }
+      l_lo = l_lo * a_lo + sum_lo;
+      l_hi = l_hi * a_hi + sum_hi;
+      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand.
+      const uint32_t sp = base + L::kP;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t col = ((j ^ (r_lo & 7)) << 4) + quad * 4;  // r_hi & 7 == r_lo & 7
+        st_shared_b32(sp + r_lo * 128 + col, pack_bf16x2(s[4 * j], s[4 * j + 1]));
+        st_shared_b32(sp + r_hi * 128 + col, pack_bf16x2(s[4 * j + 2], s[4 * j + 3]));
+      }
+      if (quad == 0) {
+        s_alpha[r_lo] = a_lo;
+        s_alpha[r_hi] = a_hi;
+      }
+      if (last) {
+        float t_lo = l_lo, t_hi = l_hi;
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          t_lo += __shfl_xor_sync(0xffffffffu, t_lo, off);
+          t_hi += __shfl_xor_sync(0xffffffffu, t_hi, off);
+        }
+        if (quad == 0) {
+          s_l[r_lo] = t_lo;
+          s_l[r_hi] = t_hi;
+          s_m[r_lo] = m_lo;
+          s_m[r_hi] = m_hi;
+        }
+      }
+      fence_proxy_async();
+    }
+    __syncthreads();  // P and alpha written; S done, so Q is free
+
+    Cursor next = cur;
+    next.advance(p);
+    if (last && k + 1 < count) {
+      load_q(p, base + L::kQ, next.b, m_block);
+      cp_async_commit();
+    }
+    if constexpr (kFp8) {  // the raw stage of tile k was consumed before the first barrier
+      if (k + 2 < count) issue_kv(k + 2);
+      cp_async_commit();
+    }
+    if (wg == 1) {
+      a_lo = s_alpha[r_lo];
+      a_hi = s_alpha[r_hi];
+    }
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
+    pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
+    __syncthreads();  // both warpgroups done with tile k and P
+
+    if constexpr (!kFp8) {
+      if (k + 2 < count) issue_kv(k + 2);
+      cp_async_commit();
+    }
+
+    if (last) {
+      const int ns = __ldg(p.nsplit + cur.b);
+#pragma unroll
+      for (int hs = 0; hs < 2; ++hs) {
+        const int r = hs ? r_hi : r_lo, g = m_block * kBlockM + r;
+        if (g >= p.rows) continue;
+        const float l = s_l[r], m = s_m[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse = l > 0.f ? m * 0.69314718055994531f + logf(l) : (ns == 1 ? INFINITY : -INFINITY);
+        const int col0 = wg * 256 + 2 * quad;
+        if (ns == 1) {
+          __nv_bfloat16* dst = p.out + (static_cast<int64_t>(cur.b) * p.rows + g) * kVDim + col0;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+                pack_bf16x2(o[4 * j + 2 * hs] * inv, o[4 * j + 2 * hs + 1] * inv);
+          if (wg == 0 && quad == 0) {
+            const int i = g / p.heads, h = g - i * p.heads;
+            p.lse[(static_cast<int64_t>(cur.b) * p.heads + h) * p.s_q + i] = lse;
+          }
+        } else {
+          const int64_t slot = __ldg(p.cu_partial + cur.b) + split;
+          float* dst = p.o_part + (slot * p.rows + g) * kVDim + col0;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hs] * inv, o[4 * j + 2 * hs + 1] * inv);
+          if (wg == 0 && quad == 0) p.lse_part[slot * p.rows + g] = lse;
+        }
+      }
+      split = 0;  // later sequences of the run start with their first split
+    }
+    cur = next;
+  }
+  cp_async_wait<0>();
+}
+
+int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+template <bool kFp8>
+void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  decode_kernel<kFp8><<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace mla_decode
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& kv_cache,
+                                                         const std::optional<at::Tensor>& kv_scale,
+                                                         const at::Tensor& block_table,
+                                                         const at::Tensor& cache_seqlens, double softmax_scale,
+                                                         bool causal) {
+  using namespace mla_decode;
+  const char* op = "decode_attention";
+  check_cuda(op, "q", q_in);
+  check_dtype(op, "q", q_in, at::kBFloat16);
+  DSV2_CHECK(q_in.dim() == 4 && q_in.size(3) == kKvDim, op, "q", "must have shape ('*', '*', '*', 576), got ",
+             q_in.sizes());
+  DSV2_CHECK(q_in.stride(3) == 1, op, "q", "must have a contiguous last dimension, got strides ", q_in.strides());
+  const int64_t batch = q_in.size(0), s_q = q_in.size(1), heads = q_in.size(2);
+
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  check_same_device(op, "kv_cache", kv_cache, q_in);
+  DSV2_CHECK(kv_cache.scalar_type() == at::kBFloat16 || fp8, op, "kv_cache",
+             "must have dtype bfloat16 or float8_e4m3fn, got ", kv_cache.scalar_type());
+  DSV2_CHECK(kv_cache.dim() == 3 && kv_cache.size(2) == kKvDim, op, "kv_cache",
+             "must have shape ('*', '*', 576), got ", kv_cache.sizes());
+  DSV2_CHECK(kv_cache.is_contiguous(), op, "kv_cache", "must be contiguous, got strides ", kv_cache.strides());
+  DSV2_CHECK(reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0, op, "kv_cache",
+             "must be 16-byte aligned for the CUDA kernel");
+  const int64_t num_blocks = kv_cache.size(0), block_size = kv_cache.size(1);
+  if (fp8) {
+    DSV2_CHECK(kv_scale.has_value(), op, "kv_scale", "is required with a float8_e4m3fn kv_cache");
+    check_same_device(op, "kv_scale", *kv_scale, q_in);
+    check_dtype(op, "kv_scale", *kv_scale, at::kFloat);
+    DSV2_CHECK(kv_scale->dim() == 3 && kv_scale->size(0) == num_blocks && kv_scale->size(1) == block_size &&
+                   kv_scale->size(2) == 2,
+               op, "kv_scale", "must have shape (", num_blocks, ", ", block_size, ", 2), got ", kv_scale->sizes());
+    DSV2_CHECK(kv_scale->is_contiguous(), op, "kv_scale", "must be contiguous, got strides ", kv_scale->strides());
+    DSV2_CHECK(reinterpret_cast<uintptr_t>(kv_scale->data_ptr()) % 8 == 0, op, "kv_scale",
+               "must be 8-byte aligned for the CUDA kernel");
+  } else {
+    DSV2_CHECK(!kv_scale.has_value(), op, "kv_scale", "must be None with a bfloat16 kv_cache");
+  }
+  check_same_device(op, "block_table", block_table, q_in);
+  check_dtype(op, "block_table", block_table, at::kInt);
+  DSV2_CHECK(block_table.dim() == 2 && block_table.size(0) == batch, op, "block_table", "must have shape (", batch,
+             ", '*'), got ", block_table.sizes());
+  DSV2_CHECK(block_table.size(1) <= 1 || block_table.stride(1) == 1, op, "block_table",
+             "must have a contiguous last dimension, got strides ", block_table.strides());
+  check_same_device(op, "cache_seqlens", cache_seqlens, q_in);
+  check_dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
+  DSV2_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch, op, "cache_seqlens", "must have shape (",
+             batch, ",), got ", cache_seqlens.sizes());
+  DSV2_CHECK(cache_seqlens.is_contiguous(), op, "cache_seqlens", "must be contiguous, got strides ",
+             cache_seqlens.strides());
+  DSV2_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale), op, "softmax_scale", "must be finite and > 0, got ",
+             softmax_scale);
+
+  const int64_t rows = s_q * heads;
+  const int64_t max_blocks = block_table.size(1);
+  // Limits of the CUDA kernel (int32 indexing, grid dimensions); far beyond DeepSeek-V2 decode shapes.
+  DSV2_CHECK(rows <= 65536, op, "q", "s_q * heads must be <= 65536 for the CUDA kernel, got ", rows);
+  DSV2_CHECK(batch <= (1 << 24), op, "q", "batch must be <= 2^24 for the CUDA kernel, got ", batch);
+  DSV2_CHECK(max_blocks * block_size <= (1 << 26), op, "block_table",
+             "covers more than 2^26 tokens per sequence (max_blocks * block_size), unsupported by the CUDA kernel");
+  DSV2_CHECK(batch * (max_blocks * block_size / kBlockN + kSplitOverhead + 1) < (int64_t(1) << 31), op,
+             "block_table", "batch * tokens per sequence is too large for the CUDA kernel");
+
+  auto out = at::empty({batch, s_q, heads, kVDim}, q_in.options());
+  auto lse = at::empty({batch, heads, s_q}, q_in.options().dtype(at::kFloat));
+  if (batch == 0 || rows == 0) return {out, lse};
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // 16-byte cp.async of Q rows needs 16-byte aligned rows; anything else gets an aligned copy.
+  const auto al16 = [](int64_t s) { return s % 8 == 0; };
+  at::Tensor q = q_in;
+  if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0 || !al16(q.stride(0)) || !al16(q.stride(1)) ||
+      !al16(q.stride(2)))
+    q = q_in.clone(at::MemoryFormat::Contiguous);
+
+  const int m_blocks = static_cast<int>(ceil_div(static_cast<int>(rows), kBlockM));
+  const int parts = std::max(1, sm_count(q.get_device()) / m_blocks);
+  const int slots = 2 * (parts - 1);  // partial outputs: each interior part boundary adds one split
+  const SchedLayout lay(static_cast<int>(batch), parts);
+  auto ws = at::empty({lay.total}, q.options().dtype(at::kInt));
+  auto o_part = at::empty({slots, rows, kVDim}, q.options().dtype(at::kFloat));
+  auto lse_part = at::empty({slots, rows}, q.options().dtype(at::kFloat));
+
+  DecodeParams p{};
+  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
+  p.q_sb = q.stride(0);
+  p.q_ss = q.stride(1);
+  p.q_sh = q.stride(2);
+  p.kv = reinterpret_cast<const uint8_t*>(kv_cache.data_ptr());
+  p.kv_scale = fp8 ? kv_scale->data_ptr<float>() : nullptr;
+  p.block_table = block_table.data_ptr<int>();
+  p.bt_stride = block_table.stride(0);
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  p.lse = lse.data_ptr<float>();
+  p.o_part = o_part.data_ptr<float>();
+  p.lse_part = lse_part.data_ptr<float>();
+  int* wsp = ws.data_ptr<int>();
+  p.sched = wsp + lay.sched;
+  p.nsplit = wsp + lay.nsplit;
+  p.cu_partial = wsp + lay.cu_partial;
+  p.batch = static_cast<int>(batch);
+  p.s_q = static_cast<int>(s_q);
+  p.heads = static_cast<int>(heads);
+  p.rows = static_cast<int>(rows);
+  p.block_size = static_cast<int>(block_size);
+  p.num_blocks = static_cast<int>(std::min<int64_t>(num_blocks, std::numeric_limits<int>::max()));
+  // An empty cache (or empty pages) holds no token: every sequence is then treated as empty.
+  p.max_len = (num_blocks > 0 && block_size > 0) ? static_cast<int>(max_blocks * block_size) : 0;
+  p.causal = causal ? 1 : 0;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  launch_decode_metadata(p.seqlens, p.batch, p.max_len, parts, wsp, stream);
+  const dim3 grid(parts, m_blocks);
+  if (fp8) launch_decode<true>(p, grid, stream);
+  else launch_decode<false>(p, grid, stream);
+  launch_decode_combine(p, stream);
+  return {out, lse};
+}
+
+}  // namespace dsv2

@@ -1,0 +1,220 @@
+// Shared pieces of the MLA decode kernels (decode_metadata.cu, decode_attention.cu, decode_combine.cu): the
+// parameter block, the split-KV schedule layout, the shared-memory plan, and the sm_90a primitives the main kernel is
+// built from (cp.async, wgmma and its shared-memory descriptors).
+//
+// Shared-memory tile format (Q, bf16 KV tiles, P): a [64 rows x D] bf16 tile is stored as D/64 column blocks of 8 KB;
+// in a block, row r occupies 128 bytes at r * 128 and its 16-byte chunk c sits at chunk c ^ (r % 8) (the 128-byte
+// swizzle of wgmma, which makes both the K-major and the MN-major reading of the tile bank-conflict free). Blocks are
+// 1024-byte aligned, as the swizzle pattern is computed from absolute address bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace dsv2 {
+namespace mla_decode {
+
+constexpr int kKvDim = 576;     // one latent-cache row: c_kv (512) | k_pe (64)
+constexpr int kVDim = 512;      // values: the first 512 columns
+constexpr int kBlockM = 64;     // query rows (s_q x heads of one sequence, padded) per CTA: one wgmma M
+constexpr int kBlockN = 64;     // KV tokens per tile
+constexpr int kThreads = 256;   // two warpgroups; each owns 256 of the 512 output columns
+constexpr int kColBlockBytes = 64 * 128;                   // 64 rows x 64 bf16
+constexpr int kTileBytes = kBlockN * kKvDim * 2;           // 73,728: a bf16 Q or KV tile (9 column blocks)
+constexpr int kFp8TileBytes = kBlockN * kKvDim;            // 36,864: a raw e4m3 KV tile
+constexpr int kScaleTileBytes = kBlockN * 2 * 4;           // 512: its per-token scales
+// Fixed cost of one split, in KV tiles (loading Q, writing the fp32 partial, combining it): the scheduler charges it
+// per sequence so that many short sequences are not spread thinner than they are worth.
+constexpr int kSplitOverhead = 4;
+constexpr int kSchedInts = 4;  // per CTA part: {first batch, first tile in it, tile count, split index of the first}
+
+// Shared memory plan (byte offsets from a 1024-aligned base; 1 KB of slack is requested for the alignment).
+// bf16 cache: Q, two KV stages, P, per-row softmax state. e4m3 cache: Q, one dequantized bf16 KV tile, P, two raw
+// e4m3 stages with their scales, per-row state.
+template <bool kFp8>
+struct Smem;
+template <>
+struct Smem<false> {
+  static constexpr int kQ = 0, kKV = kTileBytes, kP = 3 * kTileBytes, kRow = kP + kColBlockBytes;
+  static constexpr int kStage = 0, kScale = 0;  // unused
+  static constexpr int kBytes = kRow + 3 * kBlockM * 4;
+};
+template <>
+struct Smem<true> {
+  static constexpr int kQ = 0, kKV = kTileBytes, kP = 2 * kTileBytes, kStage = kP + kColBlockBytes,
+                       kScale = kStage + 2 * kFp8TileBytes, kRow = kScale + 2 * kScaleTileBytes;
+  static constexpr int kBytes = kRow + 3 * kBlockM * 4;
+};
+constexpr int kSmemSlack = 1024;
+static_assert(Smem<false>::kBytes + kSmemSlack <= 232448 && Smem<true>::kBytes + kSmemSlack <= 232448,
+              "the H100/H200 per-block shared memory limit is 227 KB");
+
+struct DecodeParams {
+  const __nv_bfloat16* q;  // [B, s_q, H, 576]; row r = i * H + h of batch b at q + b*q_sb + i*q_ss + h*q_sh
+  int64_t q_sb, q_ss, q_sh;
+  const uint8_t* kv;       // [num_blocks * block_size, 576] bf16 or e4m3
+  const float* kv_scale;   // [num_blocks * block_size, 2] (e4m3 only)
+  const int* block_table;  // [B, bt_stride...]
+  int64_t bt_stride;
+  const int* seqlens;      // [B]
+  __nv_bfloat16* out;      // [B, s_q * H, 512]
+  float* lse;              // [B, H, s_q]
+  float* o_part;           // [partial slots, s_q * H, 512]: per-split normalized outputs
+  float* lse_part;         // [partial slots, s_q * H]: per-split lse, -inf when the split saw no key
+  const int* sched;        // [parts, kSchedInts]
+  const int* nsplit;       // [B]: splits of each sequence (0: empty sequence)
+  const int* cu_partial;   // [B + 1]: first partial slot of each sequence with >= 2 splits
+  int batch, s_q, heads, rows, block_size, num_blocks;
+  int max_len;             // lengths are clamped to [0, max_len] (max_len = table width * block_size, or 0)
+  int causal;
+  float scale_log2;        // softmax_scale * log2(e)
+};
+
+// The int32 workspace written by the scheduler: offsets (in ints) of its arrays.
+struct SchedLayout {
+  int64_t sched, nsplit, cu_partial, tile_prefix, cost_prefix, part_start, first_part, total;
+  __host__ __device__ SchedLayout(int batch, int parts) {
+    sched = 0;
+    nsplit = sched + int64_t(parts) * kSchedInts;
+    cu_partial = nsplit + batch;
+    tile_prefix = cu_partial + batch + 1;
+    cost_prefix = tile_prefix + batch + 1;
+    part_start = cost_prefix + batch + 1;
+    first_part = part_start + parts + 1;
+    total = first_part + batch;
+  }
+};
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// A sequence's length as the kernels use it: clamped, so that no input value can make them read past the block table.
+__device__ __forceinline__ int clamp_len(int len, int max_len) { return min(max(len, 0), max_len); }
+
+// ---- host launchers of the helper kernels (decode_metadata.cu, decode_combine.cu) ----
+void launch_decode_metadata(const int* seqlens, int batch, int max_len, int parts, int* ws, cudaStream_t stream);
+void launch_decode_combine(const DecodeParams& p, cudaStream_t stream);
+
+// ---- sm_90a primitives -------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; with ok == false nothing is read and the destination is zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's completed generic-proxy shared-memory writes (cp.async, st.shared) visible to the async proxy
+// (wgmma operand reads); a barrier must follow before another thread's wgmma reads them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Four e4m3 values (little-endian in w) times `scale` -> four bf16 (two bf16x2). e4m3 -> f16 is exact.
+__device__ __forceinline__ uint2 fp8x4_to_bf16x4(uint32_t w, float scale) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
+  const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+  return make_uint2(pack_bf16x2(a.x * scale, a.y * scale), pack_bf16x2(b.x * scale, b.y * scale));
+}
+
+// wgmma shared-memory descriptor of a 128-byte-swizzled operand. K-major (Q, K, P): 8-row groups 1024 bytes apart
+// (SBO), the leading offset unused. MN-major (V read as [tokens x dims] with dims contiguous): 64-column blocks `lbo`
+// bytes apart, 8-token groups 1024 bytes apart. A K step inside a 128-byte row advances the start address by 32 bytes.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins accumulator registers at this point of the program: the compiler may not move their reads or writes across
+// (wgmma writes them asynchronously, behind the compiler's back, until the wait).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory; scale_d == 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D[64 x 256] (+)= A[64 x 16] * B[16 x 256], A K-major, B MN-major (trans-b) in shared memory.
+__device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+}  // namespace mla_decode
+}  // namespace dsv2

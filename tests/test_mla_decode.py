@@ -1,0 +1,153 @@
+"""GPU tests of the MLA decode kernel (csrc/mla/decode_*.cu) against the fp32 reference (``kernels("none")``): a grid
+over batch, s_q, lengths (zero, shorter than s_q, one page, many splits), heads (row blocks of 64, padded), page
+sizes and cache dtype, with random block tables, unused pages NaN-poisoned and unused table entries out of range;
+CUDA-graph replay with new lengths; direct torch.ops calls with bad metadata or bad values (value checks off: no
+crash, no out-of-bounds access; run under compute-sanitizer via tests/sanitize.sh)."""
+
+import pytest
+import torch
+
+import dsv2_kernels
+from dsv2_kernels import mla
+from tests.conftest import assert_close, poison_, requires_cuda_kernel
+from tests.test_mla_ref import V2_YARN, make_paged_cache
+
+pytestmark = [pytest.mark.gpu, requires_cuda_kernel("decode_attention")]
+
+# bf16 cache: exact scores in fp32, P rounded to bf16 for the PV product, bf16 output. FP8 cache: rows dequantized
+# to bf16 in the kernel (one more rounding of 2^-9 relative than the reference's fp32 dequantization).
+TOL = {False: (2e-2, 1e-3), True: (5e-2, 5e-2)}
+
+
+def _inputs(seqlens, s_q, heads, block_size, fp8, seed):
+    g = torch.Generator().manual_seed(seed)
+    pages = [(n + block_size - 1) // block_size for n in seqlens]
+    max_blocks = max(pages + [1]) + 1  # one spare column: out-of-range entries the kernel must never read
+    cache, scale, table, lens = make_paged_cache(seqlens, block_size, max_blocks, sum(pages) + 3, fp8, g, "cuda")
+    q = torch.randn(len(seqlens), s_q, heads, 576, generator=g).bfloat16().cuda()
+    return q, cache, scale, table, lens
+
+
+def _check(q, cache, scale, table, lens, causal=True, what=""):
+    sm = mla.softmax_scale(192, V2_YARN)
+    with dsv2_kernels.kernels("none"):
+        want_o, want_l = mla.decode_attention(q, cache, scale, table, lens, sm, causal)
+    got_o, got_l = mla.decode_attention(q, cache, scale, table, lens, sm, causal)
+    assert got_o.shape == want_o.shape and got_o.dtype == torch.bfloat16 and got_o.is_contiguous()
+    assert got_l.shape == want_l.shape and got_l.dtype == torch.float32 and got_l.is_contiguous()
+    tol_o, tol_l = TOL[scale is not None]
+    assert_close(got_o, want_o, atol=tol_o, rtol=tol_o, what=f"out {what}")
+    assert_close(got_l, want_l, atol=tol_l, rtol=0, what=f"lse {what}")
+    again = mla.decode_attention(q, cache, scale, table, lens, sm, causal)
+    assert torch.equal(again[0], got_o) and torch.equal(again[1], got_l), "not deterministic"
+    return got_o, got_l
+
+
+def _lengths(spec, batch, g):
+    if isinstance(spec, list):
+        return spec
+    return torch.randint(0, spec + 1, (batch,), generator=g).tolist()
+
+
+# (batch, s_q, heads, lengths (a list, or the max of random lengths), block size)
+GRID = [
+    (1, 1, 1, [1], 64),
+    (2, 2, 16, [20, 140], 16),
+    (6, 4, 32, [0, 1, 3, 20, 140, 4096], 32),  # empty, shorter than s_q (rows that see nothing), ragged
+    (5, 3, 20, [7, 64, 65, 0, 300], 48),  # 60 rows, an odd page size
+    (3, 5, 16, [100, 1, 2000], 128),  # 80 rows: a second, mostly padded row block
+    (64, 1, 64, 4096, 64),
+    (128, 1, 128, 4096, 128),  # two row blocks
+    (128, 2, 16, [4096] * 128, 64),
+    (6, 2, 128, [16384, 0, 1, 5000, 64, 129], 64),  # four row blocks
+    (2, 1, 128, [16384, 16384], 64),  # many splits per sequence
+    (1, 2, 64, [16384], 32),
+    (33, 1, 128, 2560, 16),
+]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("batch, s_q, heads, lens, block_size", GRID,
+                         ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-bs{c[4]}" for c in GRID])
+def test_decode_grid(batch, s_q, heads, lens, block_size, fp8):
+    g = torch.Generator().manual_seed(batch * 7 + s_q)
+    seqlens = _lengths(lens, batch, g)
+    inputs = _inputs(seqlens, s_q, heads, block_size, fp8, seed=batch + heads)
+    _check(*inputs, what=f"lens={seqlens[:8]}")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_not_causal_and_strided_q(fp8):
+    q, cache, scale, table, lens = _inputs([3, 0, 700, 64], 3, 16, 64, fp8, seed=5)
+    _check(q, cache, scale, table, lens, causal=False, what="non-causal")
+    # Rows of q strided (a slice of a wider buffer): 16-byte aligned strides are read in place, others copied.
+    for width in (640, 580):
+        wide = torch.randn(*q.shape[:3], width, device="cuda").bfloat16()
+        wide[..., :576] = q
+        _check(wide[..., :576], cache, scale, table, lens, what=f"q width {width}")
+
+
+def test_decode_all_empty():
+    q, cache, scale, table, lens = _inputs([0, 0, 0], 2, 16, 64, False, seed=6)
+    out, lse = _check(q, cache, scale, table, lens)
+    assert (out == 0).all() and (lse == float("inf")).all()
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_cuda_graph_new_lengths(fp8):
+    q, cache, scale, table, lens = _inputs([3000, 5, 64, 1000], 2, 32, 64, fp8, seed=7)
+    sm = 0.1
+    mla.decode_attention(q, cache, scale, table, lens, sm, True)
+    dsv2_kernels.set_value_checks(False)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = mla.decode_attention(q, cache, scale, table, lens, sm, True)
+    finally:
+        dsv2_kernels.set_value_checks(True)
+    # New lengths within each sequence's pages (47, 1, 1, 16 of 64 tokens), same buffers.
+    for new in ([3000, 5, 64, 1000], [0, 63, 1, 1024], [47 * 64, 64, 0, 0]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        poison_(out), poison_(lse)
+        graph.replay()
+        with dsv2_kernels.kernels("none"):
+            want_o, want_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)
+        tol_o, tol_l = TOL[fp8]
+        assert_close(out, want_o, atol=tol_o, rtol=tol_o, what=f"graph out {new}")
+        assert_close(lse, want_l, atol=tol_l, rtol=0, what=f"graph lse {new}")
+
+
+def test_decode_direct_op_bad_metadata():
+    ops = torch.ops.dsv2_kernels
+    q, cache, _, table, lens = _inputs([10, 70], 1, 16, 64, False, seed=8)
+    fcache, fscale, _, _ = make_paged_cache([10, 70], 64, 3, 4, True, torch.Generator().manual_seed(1), "cuda")
+    bad = [
+        (lambda: ops.decode_attention(q.float(), cache, None, table, lens, 0.1, True), "'q'"),
+        (lambda: ops.decode_attention(q[..., :512], cache, None, table, lens, 0.1, True), "'q'"),
+        (lambda: ops.decode_attention(q, cache[..., :512].contiguous(), None, table, lens, 0.1, True), "'kv_cache'"),
+        (lambda: ops.decode_attention(q, cache.transpose(0, 1), None, table, lens, 0.1, True), "'kv_cache'"),
+        (lambda: ops.decode_attention(q, fcache, None, table, lens, 0.1, True), "'kv_scale'"),
+        (lambda: ops.decode_attention(q, cache, fscale, table, lens, 0.1, True), "'kv_scale'"),
+        (lambda: ops.decode_attention(q, fcache, fscale[..., :1].contiguous(), table, lens, 0.1, True), "'kv_scale'"),
+        (lambda: ops.decode_attention(q, cache, None, table[:1], lens, 0.1, True), "'block_table'"),
+        (lambda: ops.decode_attention(q, cache, None, table, lens.long(), 0.1, True), "'cache_seqlens'"),
+        (lambda: ops.decode_attention(q, cache, None, table, lens, 0.0, True), "'softmax_scale'"),
+        (lambda: ops.decode_attention(q, cache, None, table, lens.cpu(), 0.1, True), "'cache_seqlens'"),
+    ]
+    for call, arg in bad:
+        with pytest.raises(ValueError, match=f"decode_attention.*{arg}"):
+            call()
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_direct_op_bad_values_stay_in_bounds(fp8):
+    """Value checks are the wrapper's job; the kernel only has to stay in bounds for any table/length values."""
+    ops = torch.ops.dsv2_kernels
+    q, cache, scale, table, lens = _inputs([100, 70, 5], 2, 16, 32, fp8, seed=9)
+    table = table.clone()
+    table[0, 1] = 10**6  # a used entry out of range
+    table[1, 0] = -5
+    for bad_lens in ([100, 70, 5], [10**6, -3, 5], [2**31 - 1, 0, -(2**31)]):
+        ops.decode_attention(q, cache, scale, table, torch.tensor(bad_lens, dtype=torch.int32, device="cuda"), 0.1,
+                             True)
+    torch.cuda.synchronize()  # an illegal address would surface here (and in compute-sanitizer)
