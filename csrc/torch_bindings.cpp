@@ -7,9 +7,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "ops.h"
 
 TORCH_LIBRARY(dsv2_kernels, m) {
@@ -19,16 +16,10 @@ TORCH_LIBRARY(dsv2_kernels, m) {
 TORCH_LIBRARY_IMPL(dsv2_kernels, CUDA, m) {
   m.impl("rms_norm", &dsv2::rms_norm_cuda);
   m.impl("fused_add_rms_norm", &dsv2::fused_add_rms_norm_cuda);
-  // Kernels that failed part of their H200 tests (2026-11-28: decode under CUDA-graph replay with new lengths;
-  // GEMMs on some scale/row layouts and the grouped variants) are compiled but registered only on request, so the
-  // op runs its reference by default and never returns a wrong answer. DSV2_KERNELS_EXPERIMENTAL=1 registers them
-  // (for their tests and benchmarks while they are being fixed).
-  if (const char* e = std::getenv("DSV2_KERNELS_EXPERIMENTAL"); e && std::string(e) == "1") {
-    m.impl("decode_attention", &dsv2::decode_attention_cuda);
-    m.impl("fp8_gemm", &dsv2::fp8_gemm_cuda);
-    m.impl("fp8_grouped_gemm_contiguous", &dsv2::fp8_grouped_gemm_contiguous_cuda);
-    m.impl("fp8_grouped_gemm_masked", &dsv2::fp8_grouped_gemm_masked_cuda);
-  }
+  m.impl("decode_attention", &dsv2::decode_attention_cuda);
+  m.impl("fp8_gemm", &dsv2::fp8_gemm_cuda);
+  m.impl("fp8_grouped_gemm_contiguous", &dsv2::fp8_grouped_gemm_contiguous_cuda);
+  m.impl("fp8_grouped_gemm_masked", &dsv2::fp8_grouped_gemm_masked_cuda);
   m.impl("compress_kv", &dsv2::compress_kv_cuda);
   m.impl("rope_q", &dsv2::rope_q_cuda);
   m.impl("route", &dsv2::route_cuda);

@@ -238,7 +238,9 @@ inline at::Tensor tma_rows(const at::Tensor& t) {
   const int64_t rows = t.size(-2);
   bool ok = aligned16(t.data_ptr()) && (rows <= 1 || t.stride(-2) % 16 == 0);
   if (t.dim() == 3) ok = ok && (t.size(0) <= 1 || t.stride(0) % 16 == 0);
-  return ok ? t : t.contiguous();
+  // clone, not contiguous(): a contiguous tensor at a misaligned address must be copied too (contiguous() would
+  // return it as it is, and TMA descriptor creation fails on its base address).
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // The shared part of the grouped entries' GroupCommon: a [.., rows, K], b [E, N, K], scales already prepared.

@@ -19,9 +19,7 @@
 // with FP8 each thread quantizes 16 values, 8 lanes sharing a 128-group's amax through shuffles. The contiguous
 // layout's row_expert (-1 on padding and unused rows) is filled from the offsets, each CTA a slice of the rows.
 //
-// FP8 matches fp8.quant_per_token_group_ref bit for bit: scale = max(amax, 1e-10) / 448 and x / scale are IEEE fp32
-// divisions (__fdiv_rn), converted by cvt.rn.satfinite (round to nearest even; the reference clamps to +-448 first,
-// which satfinite does for every finite value).
+// FP8 matches fp8.quant_per_token_group_ref bit for bit through the quantizer's own helpers (fp8/quant_common.cuh).
 
 #include "../common/torch_cuda.h"
 
@@ -34,6 +32,7 @@
 #include <limits>
 
 #include "../common/vec.cuh"
+#include "../fp8/quant_common.cuh"
 #include "../ops.h"
 
 namespace dsv2 {
@@ -324,22 +323,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(const __grid_constan
         for (int j = 0; j < 8; ++j) {
           x[2 * j] = bf16_lo(w[j]);
           x[2 * j + 1] = bf16_hi(w[j]);
-          amax = fmaxf(amax, fmaxf(fabsf(x[2 * j]), fabsf(x[2 * j + 1])));
+          amax = fp8_quant::max_nan(amax, fp8_quant::max_nan(fabsf(x[2 * j]), fabsf(x[2 * j + 1])));
         }
-        amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 2));
-        amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 4));
-        const float scale = __fdiv_rn(fmaxf(amax, 1e-10f), 448.f);
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 1));
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 2));
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 4));
+        // The same scale and quotients as quant_per_token_group (quant_common.cuh), so the fused path is bit-exact
+        // with the reference (which multiplies amax by the fp32 reciprocal of 448, as ATen does).
+        const float scale = fp8_quant::group_scale(amax);
+        const fp8_quant::Divisor div = fp8_quant::make_divisor(scale);
         uint32_t packed[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t lo = __nv_cvt_float2_to_fp8x2(
-              make_float2(__fdiv_rn(x[4 * j], scale), __fdiv_rn(x[4 * j + 1], scale)), __NV_SATFINITE, __NV_E4M3);
-          const uint32_t hi = __nv_cvt_float2_to_fp8x2(
-              make_float2(__fdiv_rn(x[4 * j + 2], scale), __fdiv_rn(x[4 * j + 3], scale)), __NV_SATFINITE,
-              __NV_E4M3);
-          packed[j] = lo | (hi << 16);
-        }
+        for (int j = 0; j < 4; ++j)
+          packed[j] = fp8_quant::fp8x2(x[4 * j], x[4 * j + 1], div) | (fp8_quant::fp8x2(x[4 * j + 2], x[4 * j + 3], div) << 16);
         const uint4 o = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         if (i < items) {
           const int tl = i / U, u = i - tl * U, g = u / (kGroup / 16);
@@ -487,14 +483,6 @@ void fill_common(Params& p, const at::Tensor& hidden, const at::Tensor& topk_ids
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_contiguous_cuda(
     const at::Tensor& hidden_in, const at::Tensor& topk_ids, int64_t num_experts, int64_t alignment,
     bool quant_fp8) {
-  if (quant_fp8) {
-    // The fused FP8 path failed its H200 tests (2026-11-28); until it is fixed, dispatch bf16 rows and quantize them
-    // with the (tested, bit-exact) per-token-group kernel: same values and layout, one extra pass over the rows.
-    auto [rows, scales_unused, offsets, row_expert, token_row] =
-        dispatch_contiguous_cuda(hidden_in, topk_ids, num_experts, alignment, false);
-    auto [q, scales] = quant_per_token_group_cuda(rows, kGroup, true);
-    return {q, scales, offsets, row_expert, token_row};
-  }
   const char* op = "dispatch_contiguous";
   check_dispatch(op, hidden_in, topk_ids, num_experts, quant_fp8);
   DSV2_CHECK(alignment >= 1, op, "alignment", "must be >= 1, got ", alignment);
@@ -534,11 +522,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_masked_cuda(
                                                                                 const at::Tensor& topk_ids,
                                                                                 int64_t num_experts, int64_t max_m,
                                                                                 bool quant_fp8) {
-  if (quant_fp8) {  // see dispatch_contiguous_cuda: fused FP8 path disabled until it passes on the H200
-    auto [rows, scales_unused, counts, token_row] = dispatch_masked_cuda(hidden_in, topk_ids, num_experts, max_m, false);
-    auto [q, scales] = quant_per_token_group_cuda(rows, kGroup, true);
-    return {q, scales, counts, token_row};
-  }
   const char* op = "dispatch_masked";
   check_dispatch(op, hidden_in, topk_ids, num_experts, quant_fp8);
   DSV2_CHECK(max_m >= 1 && num_experts * max_m < (int64_t{1} << 31), op, "max_m",
