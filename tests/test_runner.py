@@ -379,10 +379,11 @@ def test_v2_lite_shape_on_gpu_fp8_experts(fp8_cache):
         model = Model(random_weights(cfg, device="cuda", fp8_experts=fp8, progress=False), max_position=512)
         for kernels in ("none", "all"):
             with dsv2_kernels.kernels(kernels):
-                engine = Engine(model, num_blocks=64, block_size=64, max_model_len=512, cuda_graph=True,
-                                kv_dtype=torch.float8_e4m3fn if fp8_cache else None)
+                # The FP8 GEMM references sync the host (per-expert loops), so only the kernels are captured.
+                engine = Engine(model, num_blocks=64, block_size=64, max_model_len=512,
+                                cuda_graph=kernels == "all", kv_dtype=torch.float8_e4m3fn if fp8_cache else None)
                 run = engine.generate(prompts, 4, return_logits=True)
-                assert engine.cuda_graph, f"decode step not captured (kernels {kernels}, fp8 experts {fp8})"
+                assert engine.cuda_graph == (kernels == "all"), f"decode step capture (kernels {kernels}, fp8 {fp8})"
                 logits[fp8, kernels] = run.logits
         del model
     for i in range(len(prompts)):
