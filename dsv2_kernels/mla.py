@@ -576,7 +576,10 @@ def decode_attention(
     ``L = cache_seqlens[b]`` tokens (only the pages covering them are read: unused pages/entries may hold anything).
     Scores ``q . k * softmax_scale`` in fp32 (FP8 rows dequantized with ``kv_scale``). With ``causal`` and s_q > 1,
     query i sits at position ``L - s_q + i`` (the new tokens are the last s_q of the cache) and sees keys j <= it;
-    otherwise every query sees all L keys.
+    otherwise every query sees all L keys. Requests with fewer new tokens n_b < s_q (speculative decoding with a
+    per-request draft length) place their n_b queries last in their s_q rows (right-aligned): query s_q - n_b + t then
+    sits at position L - n_b + t, exactly as in a call with s_q = n_b; the padding rows before it are computed and
+    can be ignored.
 
     Args:
         q: [B, s_q, H, 576] bf16, last dimension contiguous: ``[q_nope @ W_UK (512) | rope(q_pe) (64)]``.

@@ -89,6 +89,23 @@ def test_decode_not_causal_and_strided_q(fp8):
         _check(wide[..., :576], cache, scale, table, lens, what=f"q width {width}")
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_per_request_query_lengths(fp8):
+    """Speculative decoding with a different number of new tokens n_b per request: each request's queries
+    right-aligned in q [B, s_q_max] (padding rows first) give exactly what a call with s_q = n_b gives that request."""
+    lens, new, s_max = [300, 7, 64, 1000, 2, 129], [3, 1, 4, 2, 2, 4], 4
+    q, cache, scale, table, seqlens = _inputs(lens, s_max, 16, 32, fp8, seed=12)
+    sm = mla.softmax_scale(192, V2_YARN)
+    out, lse = mla.decode_attention(q, cache, scale, table, seqlens, sm, True)
+    tol_o, tol_l = TOL[fp8]
+    for b, n in enumerate(new):
+        with dsv2_kernels.kernels("none"):
+            want_o, want_l = mla.decode_attention(q[b:b + 1, s_max - n:], cache, scale, table[b:b + 1],
+                                                  seqlens[b:b + 1], sm, True)
+        assert_close(out[b:b + 1, s_max - n:], want_o, atol=tol_o, rtol=tol_o, what=f"out of request {b}")
+        assert_close(lse[b:b + 1, :, s_max - n:], want_l, atol=tol_l, rtol=0, what=f"lse of request {b}")
+
+
 def test_decode_all_empty():
     q, cache, scale, table, lens = _inputs([0, 0, 0], 2, 16, 64, False, seed=6)
     out, lse = _check(q, cache, scale, table, lens)
