@@ -77,10 +77,13 @@ def check_against_reference(args, fp8, num_blocks, block_size, normed=True):
 @requires_cuda_kernel("compress_kv")
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("normed", [True, False])
-def test_compress_kv_many_tokens_per_warp(fp8, normed):
-    # 7000 tokens > 132 SMs x 24 resident warps: every warp handles two or three tokens.
-    args = compress_inputs(7000, 120 * 64, gen(1))
-    check_against_reference(args, fp8, 120, 64, normed)
+@pytest.mark.parametrize("tokens", [7000, 65536, 140000])
+def test_compress_kv_many_tokens_per_warp(tokens, fp8, normed):
+    # The kernel runs one wave of 32 warps per SM (4224 warps on 132 SMs), each over a contiguous run of tokens through
+    # a 4-slot ring of rows: 7000 tokens are 1-2 per warp, 65536 reuse the ring (15-16 per warp), 140000 exceed the
+    # 32 tokens of a warp's run and add a second wave.
+    args = compress_inputs(tokens, (tokens + 63) // 64 * 64 + 64, gen(1))
+    check_against_reference(args, fp8, (tokens + 63) // 64 + 1, 64, normed)
 
 
 @requires_cuda_kernel("compress_kv")

@@ -8,9 +8,9 @@
 // written (their values are unspecified).
 //
 // Tiles: this layout is the decode path (a few to a few tens of rows per expert), so it runs the 64 x 128 ping-pong
-// instantiation (gemm_config.cuh, Tile64), compiled here and used by no other op: a 128-row tile would double the
-// tensor-core work of a 1-64-row group, which then costs as much as streaming the expert's weight. Larger counts stay
-// correct, at somewhat lower efficiency than the 128-row tiles of the contiguous layout.
+// instantiation (gemm_config.cuh, Tile64), compiled here (run_grouped_gemm_64, which the contiguous layout also uses
+// for small groups): a 128-row tile would double the tensor-core work of a 1-64-row group, which then costs as much as
+// streaming the expert's weight. Larger counts stay correct, at somewhat lower efficiency than 128-row tiles.
 
 #include "gemm_config.cuh"
 
@@ -27,6 +27,12 @@ __global__ void masked_groups_kernel(GroupArrays g, GroupCommon c, const int* __
 }
 
 }  // namespace
+
+void run_grouped_gemm_64(const GroupArrays& g, int num_groups, const at::Tensor& like, cudaStream_t stream,
+                         const char* op) {
+  run_grouped<Tile64>(g, num_groups, like, stream, op);
+}
+
 }  // namespace fp8
 
 at::Tensor fp8_grouped_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
@@ -65,7 +71,7 @@ at::Tensor fp8_grouped_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a
   masked_groups_kernel<<<blocks, threads, 0, stream>>>(g, c, counts.data_ptr<int>(), e, static_cast<int>(max_m),
                                                         a2.stride(0), sa.stride(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  run_grouped<Tile64>(g, e, a, stream, op);
+  run_grouped_gemm_64(g, e, a, stream, op);
   return out;
 }
 

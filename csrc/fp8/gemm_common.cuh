@@ -128,11 +128,16 @@ __device__ inline void write_group(const GroupArrays& g, const GroupCommon& c, i
   g.layout_sfb[e] = make_layout_sfb(nb, kb);
 }
 
-// Runs the 128 x 128-tile grouped kernel (fp8_grouped_gemm.cu; gemm_config.cuh's run_grouped<Tile128>) over
-// `num_groups` groups whose arrays a kernel queued earlier on `stream` fills. Groups of 0 rows are skipped. Its
-// workspace (TMA descriptors per SM) is allocated on `like`'s device; its size depends on the SM count only.
+// Run the grouped kernel over `num_groups` groups whose arrays a kernel queued earlier on `stream` fills. Groups of
+// 0 rows are skipped. The workspace (TMA descriptors per SM) is allocated on `like`'s device; its size depends on the
+// SM count only. Two instantiations, each compiled in its own translation unit:
+//   * run_grouped_gemm: 128 x 128 cooperative tiles (fp8_grouped_gemm.cu), for groups of a few hundred rows or more;
+//   * run_grouped_gemm_64: 64 x 128 ping-pong tiles (fp8_grouped_gemm_masked.cu), for small groups, where a 128-row
+//     tile would compute many rows that do not exist.
 void run_grouped_gemm(const GroupArrays& groups, int num_groups, const at::Tensor& like, cudaStream_t stream,
                       const char* op);
+void run_grouped_gemm_64(const GroupArrays& groups, int num_groups, const at::Tensor& like, cudaStream_t stream,
+                         const char* op);
 
 // SMs of `device`, queried once per device (the persistent grids are one CTA per SM).
 inline int sm_count(int device) {

@@ -3,18 +3,31 @@
 // part), and optionally c / k_pe returned in bf16.
 //
 // Memory-bound: each token's 1152-byte kv_a row is read once and its cache row (1152 bytes, or 576 + 8) written once.
-// One warp per token, no shared memory: lane l holds c vectors l and l + 32 (16 bytes = 8 values each, so each warp
-// access covers 512 contiguous bytes) and k_pe pair l (4 bytes) with its cos and sin. The sum of squares and the e4m3
-// amaxes are warp shuffles.
+// At T = 8192 that is ~19 MB, ~4.5 us at the copy rate, so what decides the time is how early every read is in
+// flight and how short the dependent chains are, not the arithmetic. Design:
 //
-// The e4m3 path costs ~305 warp instructions per token (bf16: ~185) against ~1.7 KB of traffic, so at full bandwidth
-// it would use ~60% of the SMs' issue slots: instruction count matters as much as memory-level parallelism. Hence
-// (a) k_pe spread over all 32 lanes (8 lanes holding 8 values each would cost the whole warp 4x the instructions for
-// that part), (b) a grid of resident warps that stride over the tokens, loading and widening the weight once per
-// warp and keeping the address setup out of the per-token path, and (c) the next token's loads issued before the
-// current token is processed, so a warp always has a row in flight. kv_a is read even for a token whose slot is
-// skipped: gating the loads on the slot would put a dependent memory round trip in front of every token (and
-// skipped tokens are rare padding).
+// * One warp per token (lane l holds c vectors l and l + 32, 16 bytes = 8 values each, so each warp access covers
+//   512 contiguous bytes, and k_pe pair l with its cos and sin); the sum of squares and the e4m3 amaxes are warp
+//   shuffles. Warps are otherwise independent: the only CTA barrier is the one after the weight (as fp32) is put in
+//   shared memory at the start, read back per token with conflict-free 16-byte loads rather than held in 16
+//   registers per lane (which would cost the occupancy below).
+// * Exactly one wave: the grid is the resident capacity (4 CTAs x 8 warps per SM at <= 64 registers), and each warp
+//   owns a contiguous run of T / warps tokens (balanced to one token; at most 32, more waves beyond that), so at
+//   T = 8192 every SM has ~62 tokens and every warp 1-2.
+// * Rows are staged in shared memory with cp.async (a 4-row ring per warp, 147 KB per SM): the loads do not tie up
+//   registers, so a warp keeps up to 3 rows in flight while it processes one (at T = 8192 every row of the kernel
+//   is requested in the first instructions of each warp). Each lane copies exactly the bytes it later reads, so the
+//   ring needs no __syncwarp: cp.async.wait_group alone orders each lane's copy before its own reads, and a stage is
+//   refilled only in the iteration after the one that consumed it. kv_a is read with an L2 evict-first policy
+//   (read once), leaving the L2 to the cos/sin table, the indices and the cache rows just written.
+// * Index loads are hoisted: lane j loads positions / slot_mapping of the warp's token j once, up front (one
+//   coalesced load each), already clamped / validated to 32-bit; each token then gets them with a shuffle. The
+//   cos/sin row of token k + 1 is loaded (L2) while token k is processed, so the per-token chain is just the row.
+//   kv_a is read even for a token whose slot is skipped (padding is rare, and gating the loads would add a round
+//   trip).
+// * Instructions: ~190 warp instructions per token for the bf16 cache, ~310 for e4m3 (two amax reductions, the
+//   exactly rounded division per value), i.e. ~30% / ~60% of the SMs' issue rate at 85% of the copy bandwidth:
+//   affordable, but no room for a per-token address or index setup, hence the hoisting above.
 //
 // Numerics follow compress_kv_ref in fp32: x * rsqrt(mean(x^2) + eps) * w (only the summation order differs), the
 // RoPE products and sums rounded separately (bit-equal), e4m3 scales max(amax, 1e-10) * fp32(1 / 448) (what the
@@ -41,10 +54,16 @@ using namespace mla_rope;
 
 constexpr int kKvRank = 512;
 constexpr int kKvDim = kKvRank + kRopeDim;  // 576
-constexpr int kWarps = 4;                   // warps per CTA: small CTAs spread mid-sized T over more SMs
+constexpr int kRowBytes = kKvDim * 2;       // one kv_a row in bf16: 1152
+constexpr int kWarps = 8;                   // warps per CTA
 constexpr int kThreads = kWarps * 32;
+constexpr int kMinCtas = 4;      // per SM: 32 warps, <= 64 registers per thread
+constexpr int kStages = 4;       // shared-memory ring per warp: 8 x 4 x 1152 = 36 KB per CTA (static, < 48 KB)
+static_assert((kStages & (kStages - 1)) == 0, "stage index is a mask");
+constexpr int kMaxPerWarp = 32;  // tokens per warp: one index per lane, loaded once
 constexpr float kFp8Max = 448.f;
 constexpr float kAmaxFloor = 1e-10f;
+constexpr unsigned kFull = 0xffffffffu;
 
 struct Params {
   const __nv_bfloat16* kv_a;  // [T, 576], rows kv_stride elements apart, 16-byte aligned
@@ -62,62 +81,86 @@ struct Params {
   __nv_bfloat16* c_out;  // [T, 512] (return_normed only)
   __nv_bfloat16* k_out;  // [T, 64]
   int64_t tokens;
-  int64_t warps;                        // in the grid: each warp strides over the tokens by this much
-  int64_t row_step, pos_step, slot_step;  // that stride in kv_a elements and index bytes (set at launch)
+  int64_t per_warp, extra;  // warp w owns per_warp tokens, plus one if w < extra (set at launch)
   float eps;
   bool pos64, slot64;
 };
 
-// Where a warp's next token lives: advanced by `warps` tokens per step with one add per pointer (index tensors of
-// either width are walked as bytes).
-struct Cursor {
-  const __nv_bfloat16* row;
-  const char* pos;
-  const char* slot;
-};
-
-// A token's loads, raw: nothing is computed from them until the step that consumes them, so issuing them never
-// stalls the warp.
+// A token's row, as this lane holds it.
 struct TokenLoads {
   uint4 c0, c1;  // c vectors lane and lane + 32 (bf16 x 8 each)
   uint32_t k;    // k_pe pair `lane` (bf16 x 2)
-  int64_t slot, pos;
 };
 
 // positions / slot_mapping may be int32 or int64: a runtime flag, uniform over the grid (so the branch is free and
 // the template instances do not multiply).
-__device__ __forceinline__ int64_t load_index(const char* p, bool is64) {
-  return is64 ? static_cast<int64_t>(__ldg(reinterpret_cast<const long long*>(p)))
-              : static_cast<int64_t>(__ldg(reinterpret_cast<const int*>(p)));
+__device__ __forceinline__ int64_t load_index(const void* base, int64_t i, bool is64) {
+  return is64 ? static_cast<int64_t>(__ldg(static_cast<const long long*>(base) + i))
+              : static_cast<int64_t>(__ldg(static_cast<const int*>(base) + i));
 }
 
-__device__ __forceinline__ TokenLoads load_token(const Params& p, const Cursor& c, int lane) {
+// ---- cp.async (sm_80+): global -> shared without registers, completion tracked per thread in commit groups.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, uint64_t pol) {
+  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "l"(pol)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// This lane's share of a row into a stage: the same bytes it reads back in read_stage.
+__device__ __forceinline__ void issue_row(uint32_t stage, const __nv_bfloat16* row, int lane, uint64_t pol) {
+  const char* src = reinterpret_cast<const char*>(row);
+  cp_async16(stage + 16 * lane, src + 16 * lane, pol);
+  cp_async16(stage + 512 + 16 * lane, src + 512 + 16 * lane, pol);
+  cp_async4(stage + 2 * kKvRank + 4 * lane, src + 2 * kKvRank + 4 * lane, pol);
+}
+
+__device__ __forceinline__ TokenLoads read_stage(const uint8_t* stage, int lane) {
   TokenLoads x;
-  x.c0 = __ldcs(reinterpret_cast<const uint4*>(c.row) + lane);  // read once: evict first
-  x.c1 = __ldcs(reinterpret_cast<const uint4*>(c.row) + 32 + lane);
-  x.k = __ldcs(reinterpret_cast<const unsigned int*>(c.row + kKvRank) + lane);
-  x.slot = load_index(c.slot, p.slot64);
-  x.pos = load_index(c.pos, p.pos64);
+  x.c0 = reinterpret_cast<const uint4*>(stage)[lane];
+  x.c1 = reinterpret_cast<const uint4*>(stage)[32 + lane];
+  x.k = reinterpret_cast<const uint32_t*>(stage + 2 * kKvRank)[lane];
   return x;
 }
 
-__device__ __forceinline__ void advance(Cursor& c, const Params& p) {
-  c.row += p.row_step;
-  c.pos += p.pos_step;
-  c.slot += p.slot_step;
+// The weight as fp32 in shared memory, laid out so that lane l's 16 weights (8l..8l+7 and 256+8l..256+8l+7, the
+// columns of its c vectors) are the 16-byte words [i][l], i < 4: each per-token read is a conflict-free LDS.128.
+// Kept out of registers (16 per lane) so the 4-CTA occupancy fits without spills.
+struct WeightTable {
+  float4 v[4][32];
+};
+
+template <typename W>
+__device__ __forceinline__ void fill_weights(WeightTable& tab, const W* w) {
+  if (threadIdx.x < 128) {
+    const int i = threadIdx.x >> 5, l = threadIdx.x & 31;
+    const W* src = w + (i < 2 ? 0 : 256) + 8 * l + 4 * (i & 1);
+    tab.v[i][l] = make_float4(to_float(__ldg(src)), to_float(__ldg(src + 1)), to_float(__ldg(src + 2)),
+                              to_float(__ldg(src + 3)));  // exact widening of any float dtype
+  }
 }
 
-// 8 consecutive weights as fp32 (exact widening of any float dtype).
-template <typename W>
-__device__ __forceinline__ void load_weight8(const W* w, float* out) {
-  constexpr int N = Vec16<W>::N;
-#pragma unroll
-  for (int i = 0; i < 8 / N; ++i) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(w) + i);
-    const Vec16<W> v = *reinterpret_cast<const Vec16<W>*>(&raw);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[i * N + j] = to_float(v.v[j]);
-  }
+__device__ __forceinline__ float weight_at(const WeightTable& tab, int i, int lane) {
+  // i in [0, 16): this lane's c[i].
+  const float4& v = tab.v[i >> 2][lane];
+  const int j = i & 3;
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 __device__ __forceinline__ uint32_t pack_e4m3x2(float a, float b) {
@@ -145,17 +188,14 @@ __device__ __forceinline__ uint2 quantize8(const float* x, float scale, float rc
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
-// One token, its loads complete (or in flight: the first use waits).
+// One token: its row, this lane's cos/sin, its slot (already validated: -1 = skip).
 template <bool kFp8, bool kNormed>
-__device__ __forceinline__ void process_token(const Params& p, const TokenLoads& x, const float (&w)[16], int64_t t,
-                                              int lane) {
-  const float* cs = p.cos_sin + clamp_position(x.pos, p.max_pos) * kRopeDim;
-  const float cosv = __ldg(cs + lane), sinv = __ldg(cs + kHalf + lane);
-
+__device__ __forceinline__ void process_token(const Params& p, const TokenLoads& x, const WeightTable& wt, float cosv,
+                                              float sinv, int slot, int64_t t, int lane) {
   // c: RMSNorm in fp32, (x * inv) * w as the reference orders it.
   float c[16];
   unpack_bf16x8(x.c0, c);
@@ -165,7 +205,7 @@ __device__ __forceinline__ void process_token(const Params& p, const TokenLoads&
   for (int i = 0; i < 16; ++i) ss = fmaf(c[i], c[i], ss);
   const float inv = rsqrtf(warp_sum(ss) / kKvRank + p.eps);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) c[i] = c[i] * inv * w[i];
+  for (int i = 0; i < 16; ++i) c[i] = c[i] * inv * weight_at(wt, i, lane);
 
   // k_pe: this lane's pair.
   float ke = __uint_as_float(x.k << 16), ko = __uint_as_float(x.k & 0xFFFF0000u);
@@ -177,12 +217,9 @@ __device__ __forceinline__ void process_token(const Params& p, const TokenLoads&
     co[32 + lane] = pack_bf16x8(c + 8);
     reinterpret_cast<uint32_t*>(p.k_out + t * kRopeDim)[lane] = pack_bf16x2(ke, ko);
   }
-  // Slots past the cache are caller errors the value checks report; with them off, skip rather than write out of
-  // bounds.
-  const int64_t slot = x.slot;
-  if (slot < 0 || slot >= p.num_slots) return;  // uniform across the warp
+  if (slot < 0) return;  // padding, or (value checks off) past the cache: uniform across the warp
   if constexpr (!kFp8) {
-    __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.cache) + slot * kKvDim;
+    __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.cache) + static_cast<int64_t>(slot) * kKvDim;
     reinterpret_cast<uint4*>(dst)[lane] = pack_bf16x8(c);
     reinterpret_cast<uint4*>(dst)[32 + lane] = pack_bf16x8(c + 8);
     reinterpret_cast<uint32_t*>(dst + kKvRank)[lane] = pack_bf16x2(ke, ko);
@@ -196,44 +233,79 @@ __device__ __forceinline__ void process_token(const Params& p, const TokenLoads&
     const float c_scale = fmaxf(amax_c, kAmaxFloor) * (1.f / kFp8Max);
     const float k_scale = fmaxf(amax_k, kAmaxFloor) * (1.f / kFp8Max);
     const float c_rcp = __frcp_rn(c_scale), k_rcp = __frcp_rn(k_scale);
-    uint8_t* dst = p.cache + slot * kKvDim;
+    uint8_t* dst = p.cache + static_cast<int64_t>(slot) * kKvDim;
     reinterpret_cast<uint2*>(dst)[lane] = quantize8(c, c_scale, c_rcp);
     reinterpret_cast<uint2*>(dst)[32 + lane] = quantize8(c + 8, c_scale, c_rcp);
     reinterpret_cast<uint16_t*>(dst + kKvRank)[lane] =
         static_cast<uint16_t>(pack_e4m3x2(div_by_scale(ke, k_scale, k_rcp), div_by_scale(ko, k_scale, k_rcp)));
-    if (lane == 0) {
-      p.scale[slot * 2] = c_scale;
-      p.scale[slot * 2 + 1] = k_scale;
-    }
+    if (lane < 2) p.scale[static_cast<int64_t>(slot) * 2 + lane] = lane == 0 ? c_scale : k_scale;
   }
 }
 
-// Each warp walks tokens t0, t0 + warps, ... with the next token's loads in flight while it processes the current
-// one. (Unrolling by two with ping-pong buffers would save the ~13 register moves of the hand-over, but ptxas then
-// hoists more and needs ~100 registers: fewer warps per SM.)
+// Each warp processes its n (<= 32) consecutive tokens in order. Row i goes to stage i % kStages; before token k is
+// processed, row k + kStages - 1 is requested (into the stage token k - 1 used, whose values are consumed by now),
+// so kStages - 1 rows are in flight behind the one being processed. One commit group per row (empty groups past the
+// warp's last row keep the count uniform), so wait_group<kStages - 1> at token k means rows 0..k have landed.
 template <typename W, bool kFp8, bool kNormed>
-__global__ void __launch_bounds__(kThreads, 6) compress_kv_kernel(const __grid_constant__ Params p) {
-  const int lane = threadIdx.x & 31;
-  int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (t >= p.tokens) return;  // whole warps: the shuffles see all 32 lanes
+__global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const __grid_constant__ Params p) {
+  __shared__ __align__(16) uint8_t ring[kWarps][kStages][kRowBytes];
+  __shared__ WeightTable wt;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int n = static_cast<int>(p.per_warp) + (gw < p.extra ? 1 : 0);  // 0 for trailing warps of the last CTA
+  const int64_t begin = gw * p.per_warp + (gw < p.extra ? gw : p.extra);
+  const __nv_bfloat16* rows = p.kv_a + begin * p.kv_stride;
+  const uint64_t pol = evict_first_policy();
+  uint8_t(*const stages)[kRowBytes] = ring[warp];
 
-  const int pos_size = p.pos64 ? 8 : 4, slot_size = p.slot64 ? 8 : 4;
-  Cursor cur{p.kv_a + t * p.kv_stride, static_cast<const char*>(p.positions) + t * p.pos_stride * pos_size,
-             static_cast<const char*>(p.slots) + t * p.slot_stride * slot_size};
-  TokenLoads x = load_token(p, cur, lane);
-  float w[16];
-  load_weight8(static_cast<const W*>(p.weight) + 8 * lane, w);
-  load_weight8(static_cast<const W*>(p.weight) + 256 + 8 * lane, w + 8);
+  // Everything that does not depend on a load first: the first kStages - 1 rows ...
+  int issued = 0;
+  auto issue_next = [&] {
+    if (issued < n) {
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(stages[issued & (kStages - 1)]));
+      issue_row(dst, rows + issued * p.kv_stride, lane, pol);
+    }
+    cp_async_commit();
+    ++issued;
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue_next();
 
-  while (true) {
-    advance(cur, p);
-    const bool more = t + p.warps < p.tokens;
-    TokenLoads next;
-    if (more) next = load_token(p, cur, lane);
-    process_token<kFp8, kNormed>(p, x, w, t, lane);
-    if (!more) break;
-    x = next;
-    t += p.warps;
+  // ... then the indices (lane j: token j), the first cos/sin row once its position is in, and the weights.
+  // Positions are clamped and slots validated here, so each fits 32 bits (a table or cache of 2^31 rows would not
+  // fit in memory) and the per-token shuffles are single.
+  int pos = 0, slot = -1;
+  if (lane < n) {
+    const int64_t t = begin + lane;
+    pos = static_cast<int>(clamp_position(load_index(p.positions, t * p.pos_stride, p.pos64), p.max_pos));
+    // Slots past the cache are caller errors the value checks report; with them off, skip rather than write out of
+    // bounds.
+    const int64_t s = load_index(p.slots, t * p.slot_stride, p.slot64);
+    slot = s < 0 || s >= p.num_slots ? -1 : static_cast<int>(s);
+  }
+  const float* cs = p.cos_sin + static_cast<int64_t>(__shfl_sync(kFull, pos, 0)) * kRopeDim;
+  float cosv = __ldg(cs + lane), sinv = __ldg(cs + kHalf + lane);
+  fill_weights(wt, static_cast<const W*>(p.weight));
+  __syncthreads();  // the only CTA barrier; every warp reaches it (the row loads are already in flight)
+  if (n == 0) return;  // whole warps: the shuffles see all 32 lanes
+
+#pragma unroll 1
+  for (int k = 0; k < n; ++k) {
+    issue_next();  // row k + kStages - 1
+    // Token k + 1's cos/sin, a full token ahead of its use.
+    const int pos_next = __shfl_sync(kFull, pos, (k + 1) & 31);
+    float cos_next = 0.f, sin_next = 0.f;
+    if (k + 1 < n) {
+      const float* cn = p.cos_sin + static_cast<int64_t>(pos_next) * kRopeDim;
+      cos_next = __ldg(cn + lane);
+      sin_next = __ldg(cn + kHalf + lane);
+    }
+    const int slot_k = __shfl_sync(kFull, slot, k);
+    cp_async_wait<kStages - 1>();  // row k has landed (this lane's part, which is all it reads)
+    const TokenLoads x = read_stage(stages[k & (kStages - 1)], lane);
+    process_token<kFp8, kNormed>(p, x, wt, cosv, sinv, slot_k, begin + k, lane);
+    cosv = cos_next;
+    sinv = sin_next;
   }
 }
 
@@ -251,25 +323,29 @@ int sm_count(int device) {
 template <typename W, bool kFp8, bool kNormed>
 void launch_kernel(const Params& p, int device, cudaStream_t stream) {
   const auto kernel = compress_kv_kernel<W, kFp8, kNormed>;
-  // At most the CTAs that fit at once (one wave; warps stride over the tokens), and no more warps than needed to
-  // give every warp the same number of tokens (up to one): with 3168 resident warps and T = 8192, 2731 warps of 3
-  // tokens each keep the memory system busy to the end, where 3168 warps of 2 or 3 would leave a third of the run
-  // to 60% of them.
-  static const int per_sm = [&] {
+  // CTAs resident per SM (per device: the carveout preference is a per-context attribute). Ask for the largest
+  // shared-memory carveout so 4 CTAs' rings (147 KB) fit next to each other.
+  static int cached[64] = {};
+  const int dev = device >= 0 && device < 64 ? device : 0;
+  if (cached[dev] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    return std::max(n, 1);
-  }();
-  const int64_t max_warps = static_cast<int64_t>(per_sm) * sm_count(device) * kWarps;
-  const int64_t per_warp = (p.tokens + max_warps - 1) / max_warps;
-  const int64_t warps = (p.tokens + per_warp - 1) / per_warp;
-  const int blocks = static_cast<int>((warps + kWarps - 1) / kWarps);
+    cached[dev] = std::max(n, 1);
+  }
+  // One wave of resident warps, each owning T / warps consecutive tokens (+1 for the first T % warps), so all warps
+  // finish together; past 32 tokens per warp, whole extra waves of equal size. Below one warp per token, one token
+  // per warp (the trailing warps of the last CTA get none).
+  const int64_t resident = static_cast<int64_t>(cached[dev]) * sm_count(device) * kWarps;
+  const int64_t waves = (p.tokens + kMaxPerWarp * resident - 1) / (kMaxPerWarp * resident);
+  const int64_t want = std::min(p.tokens, resident * waves);
+  const int64_t blocks = (want + kWarps - 1) / kWarps;
+  const int64_t warps = blocks * kWarps;
   Params q = p;
-  q.warps = static_cast<int64_t>(blocks) * kWarps;
-  q.row_step = q.warps * p.kv_stride;
-  q.pos_step = q.warps * p.pos_stride * (p.pos64 ? 8 : 4);
-  q.slot_step = q.warps * p.slot_stride * (p.slot64 ? 8 : 4);
-  kernel<<<blocks, kThreads, 0, stream>>>(q);
+  q.per_warp = p.tokens / warps;  // <= 32: warps >= T / 32, or warps >= T
+  q.extra = p.tokens % warps;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
