@@ -39,6 +39,13 @@ struct Tile128 {
   using GroupedEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
 
+// The dense GEMM's 128 x 128 tiles in clusters of two CTAs along N: the pair shares its A tile, which the TMA unit
+// multicasts to both, halving A's L2-to-SM traffic (the same cluster shape as CUTLASS's blockwise FP8 example).
+struct Tile128Pair {
+  using Tile = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using Cluster = cute::Shape<cute::_1, cute::_2, cute::_1>;
+};
+
 // 64 x 128 output tiles, each consumer warpgroup on its own tile (ping-pong: one's MMAs overlap the other's
 // promotion and epilogue). For decode-sized groups (<= 64 rows): a 128-row tile would run twice the tensor-core work
 // on rows that do not exist, which at 1-64 rows per expert is as long as streaming the weight tile itself.
