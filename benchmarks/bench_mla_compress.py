@@ -101,7 +101,10 @@ def run(args):
 
             def make():
                 kv_a = torch.randn(T, 2112, device="cuda", dtype=torch.bfloat16)[:, 1536:]
-                slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:T]
+                # As in serving: a prefill's tokens fill their sequences' pages in order, the pages themselves lie
+                # anywhere in the cache (a token-level random permutation would scatter 1 KB writes over DRAM pages).
+                pages = torch.randperm(num_blocks, device="cuda")
+                slots = (pages[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device="cuda")).view(-1)[:T]
                 if fp8:
                     cache = torch.empty(num_blocks, BLOCK_SIZE, KV_DIM, device="cuda", dtype=FP8)
                     scale = torch.empty(num_blocks, BLOCK_SIZE, 2, device="cuda")

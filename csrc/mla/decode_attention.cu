@@ -6,15 +6,11 @@
 //     cache: two stages; e4m3 cache: two raw stages, dequantized by all threads into one bf16 tile, multiplying each
 //     token's c_kv and k_pe parts by their own scales). Each token's row address goes through the block table, so any
 //     block size works; tokens past the sequence end are zero-filled, never read (unused pages may hold NaN);
-//   * each warpgroup computes S for half of the tile's tokens (36 wgmma m64n32k16, Q and K from shared memory), masks
-//     the tail and the causal triangle, and exchanges its row maxima with the other warpgroup through shared memory,
-//     so that both keep the same running max (fp32 online softmax, exp2 of log2e-scaled scores) and rescale factor;
-//     each writes its half of P (bf16) to shared memory and keeps its own partial row sums (added at the end);
+//   * warpgroup 0 computes S = Q K^T (36 wgmma m64n64k16, Q and K from shared memory), masks the tail and the causal
+//     triangle, runs the online softmax in fp32 (exp2 of log2e-scaled scores), and writes P (bf16) and the per-row
+//     rescale factor to shared memory;
 //   * both warpgroups rescale and accumulate O += P V for their 256 output columns (4 wgmma m64n256k16, V being the
 //     same shared tile read MN-major), so the 64 x 512 fp32 accumulator takes 128 registers per thread.
-//   Splitting S between the warpgroups (rather than one computing all of it while the other waits) halves the
-//   serial QK^T time per tile, which bounds the memory-bound small-H configs (the tensor cores run 64-row MMAs on
-//   H * s_q real rows) as well as the compute-bound ones.
 // At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence has one split, else a
 // normalized fp32 partial and its lse for decode_combine.cu.
 
@@ -118,18 +114,16 @@ __device__ __forceinline__ void dequant_tile(uint32_t dst, const uint8_t* stage,
   }
 }
 
-// S[64 x 32] = Q[64 x 576] K_half[32 x 576]^T: one warpgroup's half of the tile's tokens (kv points at the half's
-// first row; 32 rows are four 8-row groups, so the swizzle phase is unchanged). k step kk reads 16 columns, 32 bytes
-// into a column block.
-__device__ __forceinline__ void qk_gemm(float (&s)[16], uint32_t q, uint32_t kv) {
+// S[64 x 64] = Q[64 x 576] K[64 x 576]^T by warpgroup 0: k step kk reads 16 columns, 32 bytes into a column block.
+__device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) s[i] = 0.f;
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
   fence_regs(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kKvDim / 16; ++kk) {
     const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    wgmma_m64n32k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > 0);
+    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > 0);
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -159,8 +153,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
-  float* s_max = reinterpret_cast<float*>(smem + L::kRow);  // [2][64]: row max of each warpgroup's half
-  float* s_sum = s_max + 2 * kBlockM;                         // [2][64]: each half's row sum (end of a sequence)
+  float* s_alpha = reinterpret_cast<float*>(smem + L::kRow);
+  float* s_l = s_alpha + kBlockM;
+  float* s_m = s_l + kBlockM;
 
   const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
   const int count = sched.z;
@@ -192,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f, a_lo = 0.f, a_hi = 0.f;
 
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
@@ -211,41 +206,82 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     const uint32_t kv = base + L::kKV + (kFp8 ? 0 : (k & 1) * kTileBytes);
 
-    // Both warpgroups: S for their half of the tokens (wg * 32 ...), masked; the row max is exchanged through shared
-    // memory so that both hold the same running max m (and so the same rescale factor alpha for their O columns).
-    float s[16];
-    qk_gemm(s, base + L::kQ, kv + wg * 32 * 128);
-    const int tok0 = cur.t * kBlockN + wg * 32;
-    {
+    if (wg == 0) {
+      float s[32];
+      qk_gemm(s, base + L::kQ, kv);
       // Row i of the s_q queries sees tokens j < len - s_q + 1 + i when causal, else j < len.
+      const int tok0 = cur.t * kBlockN;
       const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
-      if (tok0 + 32 > vis0) {
+      if (tok0 + kBlockN > vis0) {
         const int g_lo = m_block * kBlockM + r_lo, g_hi = g_lo + 8;
         const int e_lo = p.causal ? min(cur.len, vis0 + g_lo / p.heads) : cur.len;
         const int e_hi = p.causal ? min(cur.len, vis0 + g_hi / p.heads) : cur.len;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
+        for (int i = 0; i < 32; ++i) {
           const int tok = tok0 + 8 * (i >> 2) + 2 * quad + (i & 1);
           if (tok >= ((i & 2) ? e_hi : e_lo)) s[i] = -INFINITY;
         }
       }
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      if (i & 2) mx_hi = fmaxf(mx_hi, s[i]);
-      else mx_lo = fmaxf(mx_lo, s[i]);
-    }
+      for (int i = 0; i < 32; ++i) {
+        if (i & 2) mx_hi = fmaxf(mx_hi, s[i]);
+        else mx_lo = fmaxf(mx_lo, s[i]);
+      }
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+      for (int off = 1; off < 4; off <<= 1) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+      }
+      // Running max in the log2 domain; a row that has seen no key yet keeps -inf and subtracts 0 instead.
+      const float n_lo = fmaxf(m_lo, mx_lo * p.scale_log2), n_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+      const float u_lo = n_lo == -INFINITY ? 0.f : n_lo, u_hi = n_hi == -INFINITY ? 0.f : n_hi;
+      a_lo = fast_exp2(m_lo - u_lo);
+      a_hi = fast_exp2(m_hi - u_hi);
+      m_lo = n_lo;
+      m_hi = n_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        if (i & 2) {
+          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_hi));
+          sum_hi += s[i];
+        } else {
+          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_lo));
+          sum_lo += s[i];
+        }
+      }
+      l_lo = l_lo * a_lo + sum_lo;
+      l_hi = l_hi * a_hi + sum_hi;
+      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand.
+      const uint32_t sp = base + L::kP;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t col = ((j ^ (r_lo & 7)) << 4) + quad * 4;  // r_hi & 7 == r_lo & 7
+        st_shared_b32(sp + r_lo * 128 + col, pack_bf16x2(s[4 * j], s[4 * j + 1]));
+        st_shared_b32(sp + r_hi * 128 + col, pack_bf16x2(s[4 * j + 2], s[4 * j + 3]));
+      }
+      if (quad == 0) {
+        s_alpha[r_lo] = a_lo;
+        s_alpha[r_hi] = a_hi;
+      }
+      if (last) {
+        float t_lo = l_lo, t_hi = l_hi;
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          t_lo += __shfl_xor_sync(0xffffffffu, t_lo, off);
+          t_hi += __shfl_xor_sync(0xffffffffu, t_hi, off);
+        }
+        if (quad == 0) {
+          s_l[r_lo] = t_lo;
+          s_l[r_hi] = t_hi;
+          s_m[r_lo] = m_lo;
+          s_m[r_hi] = m_hi;
+        }
+      }
+      fence_proxy_async();
     }
-    if (quad == 0) {
-      s_max[wg * kBlockM + r_lo] = mx_lo;
-      s_max[wg * kBlockM + r_hi] = mx_hi;
-    }
-    __syncthreads();  // both halves' row maxima written; both S done, so Q is free
+    __syncthreads();  // P and alpha written; S done, so Q is free
 
     Cursor next = cur;
     next.advance(p);
@@ -257,59 +293,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       if (k + 2 < count) issue_kv(k + 2);
       cp_async_commit();
     }
-
-    {
-      const int other = (1 - wg) * kBlockM;
-      mx_lo = fmaxf(mx_lo, s_max[other + r_lo]);
-      mx_hi = fmaxf(mx_hi, s_max[other + r_hi]);
-      // Running max in the log2 domain; a row that has seen no key yet keeps -inf and subtracts 0 instead.
-      const float n_lo = fmaxf(m_lo, mx_lo * p.scale_log2), n_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
-      const float u_lo = n_lo == -INFINITY ? 0.f : n_lo, u_hi = n_hi == -INFINITY ? 0.f : n_hi;
-      const float a_lo = fast_exp2(m_lo - u_lo), a_hi = fast_exp2(m_hi - u_hi);
-      m_lo = n_lo;
-      m_hi = n_hi;
-      float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        if (i & 2) {
-          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_hi));
-          sum_hi += s[i];
-        } else {
-          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_lo));
-          sum_lo += s[i];
-        }
-      }
-      l_lo = l_lo * a_lo + sum_lo;  // this half's partial row sums; the halves are added at the end
-      l_hi = l_hi * a_hi + sum_hi;
-      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand: this half's 32 columns
-      // are 16-byte chunks wg * 4 + j of each 128-byte row.
-      const uint32_t sp = base + L::kP;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t col = (((wg * 4 + j) ^ (r_lo & 7)) << 4) + quad * 4;  // r_hi & 7 == r_lo & 7
-        st_shared_b32(sp + r_lo * 128 + col, pack_bf16x2(s[4 * j], s[4 * j + 1]));
-        st_shared_b32(sp + r_hi * 128 + col, pack_bf16x2(s[4 * j + 2], s[4 * j + 3]));
-      }
-      if (last) {
-        float t_lo = l_lo, t_hi = l_hi;
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-          t_lo += __shfl_xor_sync(0xffffffffu, t_lo, off);
-          t_hi += __shfl_xor_sync(0xffffffffu, t_hi, off);
-        }
-        if (quad == 0) {
-          s_sum[wg * kBlockM + r_lo] = t_lo;
-          s_sum[wg * kBlockM + r_hi] = t_hi;
-        }
-      }
-      fence_proxy_async();
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
+    if (wg == 1) {
+      a_lo = s_alpha[r_lo];
+      a_hi = s_alpha[r_hi];
     }
-    __syncthreads();  // P complete (both halves)
-
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
     pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
-    __syncthreads();  // both warpgroups done with tile k, P and the row exchange buffers
+    __syncthreads();  // both warpgroups done with tile k and P
 
     if constexpr (!kFp8) {
       if (k + 2 < count) issue_kv(k + 2);
@@ -322,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       for (int hs = 0; hs < 2; ++hs) {
         const int r = hs ? r_hi : r_lo, g = m_block * kBlockM + r;
         if (g >= p.rows) continue;
-        const float l = s_sum[r] + s_sum[kBlockM + r], m = hs ? m_hi : m_lo;
+        const float l = s_l[r], m = s_m[r];
         const float inv = l > 0.f ? 1.f / l : 0.f;
         const float lse = l > 0.f ? m * 0.69314718055994531f + logf(l) : (ns == 1 ? INFINITY : -INFINITY);
         const int col0 = wg * 256 + 2 * quad;

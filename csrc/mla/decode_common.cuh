@@ -31,10 +31,6 @@ constexpr int kScaleTileBytes = kBlockN * 2 * 4;           // 512: its per-token
 constexpr int kSplitOverhead = 4;
 constexpr int kSchedInts = 4;  // per CTA part: {first batch, first tile in it, tile count, split index of the first}
 
-// Per-row softmax exchange between the two warpgroups (each computes the scores of half the tile's tokens): the
-// row max of each half, and each half's running row sum at the end of a sequence.
-constexpr int kRowFloats = 4 * kBlockM;
-
 // Shared memory plan (byte offsets from a 1024-aligned base; 1 KB of slack is requested for the alignment).
 // bf16 cache: Q, two KV stages, P, per-row softmax state. e4m3 cache: Q, one dequantized bf16 KV tile, P, two raw
 // e4m3 stages with their scales, per-row state.
@@ -44,13 +40,13 @@ template <>
 struct Smem<false> {
   static constexpr int kQ = 0, kKV = kTileBytes, kP = 3 * kTileBytes, kRow = kP + kColBlockBytes;
   static constexpr int kStage = 0, kScale = 0;  // unused
-  static constexpr int kBytes = kRow + kRowFloats * 4;
+  static constexpr int kBytes = kRow + 3 * kBlockM * 4;
 };
 template <>
 struct Smem<true> {
   static constexpr int kQ = 0, kKV = kTileBytes, kP = 2 * kTileBytes, kStage = kP + kColBlockBytes,
                        kScale = kStage + 2 * kFp8TileBytes, kRow = kScale + 2 * kScaleTileBytes;
-  static constexpr int kBytes = kRow + kRowFloats * 4;
+  static constexpr int kBytes = kRow + 3 * kBlockM * 4;
 };
 constexpr int kSmemSlack = 1024;
 static_assert(Smem<false>::kBytes + kSmemSlack <= 232448 && Smem<true>::kBytes + kSmemSlack <= 232448,
@@ -168,19 +164,6 @@ template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// D[64 x 32] (+)= A[64 x 16] * B[16 x 32], A and B K-major in shared memory; scale_d == 0 overwrites D.
-__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory; scale_d == 0 overwrites D.
