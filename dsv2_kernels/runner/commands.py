@@ -9,7 +9,8 @@ import torch
 from .. import _library as lib
 from .cache import PagedCache
 from .check import CheckedOps
-from .config import PRESETS
+from . import distributed
+from .config import PRESETS, ModelConfig
 from .engine import Engine
 from .model import Model, catalogue_ops
 from .sampler import SamplingParams
@@ -25,24 +26,37 @@ def _setup(args):
     return device, dtype
 
 
-def _engine(model, device, args, tokens_needed: list[int], check: bool = False) -> Engine:
+def _engine(model, device, args, tokens_needed: list[int], check: bool = False, max_batch: int | None = None
+            ) -> Engine:
     bs = args.block_size
     blocks = sum(PagedCache.blocks_for(n, bs) for n in tokens_needed) + 1
     return Engine(model, num_blocks=blocks, block_size=bs, max_model_len=max(tokens_needed),
-                  max_batch=max(len(tokens_needed), 1), cuda_graph=device.type == "cuda" and not args.eager and not check,
+                  max_batch=max_batch or max(len(tokens_needed), 1),
+                  cuda_graph=device.type == "cuda" and not args.eager and not check,
                   kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None)
 
 
 def generate(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): expert parallelism, each rank serving every WORLD_SIZE-th prompt (see
+    ``runner.distributed``); rank 0 prints every result."""
     device, dtype = _setup(args)
+    rank, world = 0, distributed.world_size_from_env()
+    if world > 1:
+        device = distributed.init_from_env(args.device)
+        rank = torch.distributed.get_rank()
+    say = print if rank == 0 else (lambda *a, **k: None)
     if args.model:
-        weights = load_checkpoint(args.model, dtype=dtype, device=device, fp8_experts=args.fp8_experts)
+        experts = distributed.expert_shard(ModelConfig.from_dir(args.model).n_routed_experts, rank, world)
+        weights = load_checkpoint(args.model, dtype=dtype, device=device, fp8_experts=args.fp8_experts,
+                                  experts=experts, progress=rank == 0)
         tokenizer = Tokenizer.from_dir(args.model, weights.config.bos_token_id)
     else:
         name = "v2-lite" if device.type == "cuda" else "tiny"
-        print(f"no model directory given: random-weight {name} model on {device} ({dtype})")
+        say(f"no model directory given: random-weight {name} model on {device} ({dtype})"
+            f"{f', {world} processes (expert parallel)' if world > 1 else ''}")
+        experts = distributed.expert_shard(PRESETS[name].n_routed_experts, rank, world)
         weights = random_weights(PRESETS[name], seed=args.seed or 0, dtype=dtype, device=device,
-                                 fp8_experts=args.fp8_experts)
+                                 fp8_experts=args.fp8_experts, experts=experts, progress=rank == 0)
         tokenizer = None
     cfg = weights.config
     if args.prompt and tokenizer is None:
@@ -57,26 +71,37 @@ def generate(args) -> int:
             raise SystemExit(f"token ids must be in [0, {cfg.vocab_size}) and prompts non-empty, got {p}")
 
     ops = CheckedOps(catalogue_ops(dtype)) if args.check else None
-    needed = [len(p) + args.max_new_tokens for p in prompts]
-    model = Model(weights, max_position=max(needed), ops=ops)
-    engine = _engine(model, device, args, needed, check=args.check)
+    needed = [len(p) + args.max_new_tokens for p in prompts]  # all prompts: every rank sizes its engine the same
+    per_rank = -(-len(prompts) // world)  # the most requests one rank serves
+    ep = distributed.ExpertParallel(weights, max_decode_tokens=per_rank) if world > 1 else None
+    model = Model(weights, max_position=max(needed), ops=ops, ep=ep)
+    engine = _engine(model, device, args, needed, check=args.check, max_batch=per_rank)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    out = engine.generate(prompts, args.max_new_tokens, sampling, stop_ids=() if args.ignore_eos else cfg.eos_token_ids)
-    for i, (prompt, new) in enumerate(zip(prompts, out.tokens)):
+    mine = list(range(rank, len(prompts), world))  # data-parallel: this rank's requests
+    out = engine.generate([prompts[i] for i in mine], args.max_new_tokens, sampling,
+                          stop_ids=() if args.ignore_eos else cfg.eos_token_ids)
+    tokens = dict(zip(mine, out.tokens))
+    if ep is not None:
+        tokens = {i: t for part in ep.gather(tokens) for i, t in part.items()}
+    for i, prompt in enumerate(prompts):
+        new = tokens[i]
         if tokenizer:
-            print(f"[{i}] {tokenizer.decode(prompt)!r} -> {tokenizer.decode(new)!r}")
+            say(f"[{i}] {tokenizer.decode(prompt)!r} -> {tokenizer.decode(new)!r}")
         else:
-            print(f"[{i}] {prompt} -> {new}")
-    n_new = sum(map(len, out.tokens))
-    print(f"prefill {sum(map(len, prompts))} tokens in {out.prefill_s * 1e3:.1f} ms; decode {n_new - len(prompts)} "
-          f"tokens in {out.decode_steps} steps, {out.decode_s * 1e3:.1f} ms"
-          f"{' (CUDA graphs)' if engine.cuda_graph else ''}; kernels: {args.kernels}")
+            say(f"[{i}] {prompt} -> {new}")
+    n_new = sum(map(len, tokens.values()))
+    say(f"prefill {sum(map(len, prompts))} tokens in {out.prefill_s * 1e3:.1f} ms; decode {n_new - len(prompts)} "
+        f"tokens in {out.decode_steps} steps, {out.decode_s * 1e3:.1f} ms"
+        f"{' (CUDA graphs)' if engine.cuda_graph else ''}; kernels: {args.kernels}"
+        f"{f'; {world} processes, times of rank 0' if world > 1 else ''}")
     if ops is not None:
-        print(ops.report(device))
+        say(ops.report(device))
     return 0
 
 
 def bench(args) -> int:
+    if distributed.world_size_from_env() > 1:
+        raise SystemExit("bench runs in one process; for expert parallelism use benchmarks/bench_ep.py (or generate)")
     device, dtype = _setup(args)
     cfg = PRESETS[args.config]
     layers = args.layers or (8 if args.config == "v2" else None)  # 60 V2 layers do not fit one GPU in bf16

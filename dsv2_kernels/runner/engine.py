@@ -48,6 +48,10 @@ class Engine:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        ep = model.ep
+        if ep is not None and max_batch > ep.max_decode_tokens:
+            raise ValueError(f"max_batch={max_batch} exceeds the expert-parallel decode buffers "
+                             f"(max_decode_tokens={ep.max_decode_tokens})")
 
     # ---- one forward each ----------------------------------------------------------------------------------
     def _tensor(self, data, dtype=torch.int64):
@@ -120,6 +124,22 @@ class Engine:
         self.pool = graph.pool()
         return graph, static, logits
 
+    def _capture_all(self):
+        """Expert parallelism: capture every bucket now, in the same order on every rank, because a capture's warm-up
+        forward exchanges tokens with the other ranks (lazy captures would come at different times per rank). A
+        failed capture leaves that rank eager, which runs the same collectives as a replay."""
+        buckets = sorted({b for b in BUCKETS if b <= self.max_batch} | {self.max_batch})
+        for b in buckets:
+            if b not in self.graphs:
+                self.graphs[b] = self._capture(b)
+        if any(g is None for g in self.graphs.values()):
+            self.cuda_graph = False
+
+    def _agree(self, n: int) -> int:
+        """How many forwards of a phase every rank runs: ``n``, or under expert parallelism the most any rank needs
+        (each MoE layer exchanges tokens with every rank, so forwards run in lockstep)."""
+        return n if self.model.ep is None else self.model.ep.agree(n)
+
     # ---- the generation loop -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None, *,
                  stop_ids=(), return_logits=False) -> Output:
@@ -141,20 +161,31 @@ class Engine:
                     size = 0
                 groups[-1].append(i)
                 size += len(prompts[i])
+            groups = [g for g in groups if g]
+            forwards = self._agree(len(groups))  # agreed before any forward: they exchange tokens between ranks
             for g in groups:
                 self._emit(out, g, self.prefill(g, [prompts[j] for j in g]), sampler, return_logits)
+            for _ in range(forwards - len(groups)):
+                self.model.idle(decode=False)
             sync()
             out.prefill_s = time.perf_counter() - t0
 
+            if self.model.ep is not None and self.cuda_graph:
+                self._capture_all()
             t0 = time.perf_counter()
             live = [i for i in seq_ids if not self._done(out.tokens[i], max_new_tokens, stop)]
-            while live:
-                for start in range(0, len(live), self.max_batch):
-                    chunk = live[start: start + self.max_batch]
+            while True:
+                chunks = [live[s: s + self.max_batch] for s in range(0, len(live), self.max_batch)]
+                steps = self._agree(len(chunks))
+                if not steps:
+                    break
+                for chunk in chunks:
                     logits = self.decode(chunk, [out.tokens[i][-1] for i in chunk],
                                          [len(prompts[i]) + len(out.tokens[i]) - 1 for i in chunk])
                     self._emit(out, chunk, logits, sampler, return_logits)
-                out.decode_steps += 1
+                for _ in range(steps - len(chunks)):
+                    self.model.idle(decode=True)
+                out.decode_steps += bool(chunks)
                 for i in live:
                     if self._done(out.tokens[i], max_new_tokens, stop):
                         self.cache.release(i)

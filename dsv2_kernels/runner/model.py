@@ -72,11 +72,16 @@ class Batch:
 
 
 class Model:
-    def __init__(self, weights: Weights, *, max_position: int | None = None, ops=None):
+    def __init__(self, weights: Weights, *, max_position: int | None = None, ops=None, ep=None):
+        """``ep``: a ``runner.distributed.ExpertParallel`` when the weights hold one rank's shard of the experts."""
         self.w, self.cfg = weights, weights.config
         cfg = self.cfg
         if self.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"the model runs in bf16 (the ops' dtype) or fp32 (references), not {self.dtype}")
+        if weights.experts not in (None, (0, cfg.n_routed_experts)) and ep is None:
+            raise ValueError(f"the weights hold only routed experts {list(weights.experts)} of {cfg.n_routed_experts} "
+                             "(an expert-parallel shard): build the Model with ep=ExpertParallel(...)")
+        self.ep = ep
         device = weights.embed.device
         max_position = min(max_position or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.cos_sin = mla.rope_cos_sin_cache(cfg.qk_rope_head_dim, max_position, cfg.rope_theta,
@@ -101,7 +106,7 @@ class Model:
                 x, residual = op.fused_add_rms_norm(h, residual, lw["input_norm"], eps)
             h = self.attention(x, lw, batch, cache.kv[i], cache.scale[i])
             x, residual = op.fused_add_rms_norm(h, residual, lw["post_norm"], eps)
-            h = self.moe(x, lw, batch) if self.cfg.is_moe(i) else self.mlp(x, lw["gate_up"], lw["down"])
+            h = self.moe(x, lw, batch.decode) if self.cfg.is_moe(i) else self.mlp(x, lw["gate_up"], lw["down"])
         op.layer = None
         if batch.logit_rows is not None:
             h, residual = h[batch.logit_rows], residual[batch.logit_rows]
@@ -138,7 +143,18 @@ class Model:
         g, u = (x @ gate_up.T).chunk(2, -1)
         return (F.silu(g) * u) @ down.T
 
-    def moe(self, x, lw, batch: Batch):
+    @torch.inference_mode()
+    def idle(self, decode: bool) -> None:
+        """A forward's part on a rank with no tokens under expert parallelism: its MoE layers still receive the other
+        ranks' tokens for their experts and send the results back (every rank runs each forward in lockstep)."""
+        x = self.w.embed.new_empty(0, self.cfg.hidden_size)
+        for i, lw in enumerate(self.w.layers):
+            if self.cfg.is_moe(i):
+                self.ops.layer = i
+                self.moe(x, lw, decode)
+        self.ops.layer = None
+
+    def moe(self, x, lw, decode: bool):
         cfg, op = self.cfg, self.ops
         logits = x.float() @ lw["router"].T
         # The hub's V2: with norm_topk_prob the weights are normalized and not scaled; otherwise scaled.
@@ -146,28 +162,39 @@ class Model:
         ids, weights = op.route(logits, cfg.num_experts_per_tok, "softmax", cfg.topk_method, cfg.n_group,
                                 cfg.topk_group, cfg.norm_topk_prob, scale, None)
         shared = self.mlp(x, lw["shared_gate_up"], lw["shared_down"]) if cfg.n_shared_experts else None
+        if self.ep is not None:  # the experts live on several ranks: dispatch/combine between them
+            return self.ep.moe(self, x, ids, weights, shared, lw, decode)
         n_exp, fp8_experts = cfg.n_routed_experts, self.w.fp8_experts
-        if batch.decode:  # masked layout: static shapes, no host sync
+        if decode:  # masked layout: static shapes, no host sync
             rows, scales, counts, token_row = op.dispatch_masked(x, ids, n_exp, x.shape[0], fp8_experts)
-            if fp8_experts:
-                y = op.fp8_grouped_gemm_masked(rows, scales, lw["w13_q"], lw["w13_s"], counts)
-                q, s = op.silu_mul_quant(y, 128, True)
-                out = op.fp8_grouped_gemm_masked(q, s, lw["w2_q"], lw["w2_s"], counts)
-            else:
-                g, u = torch.bmm(rows, lw["w13"].transpose(1, 2)).chunk(2, -1)
-                out = torch.bmm(F.silu(g) * u, lw["w2"].transpose(1, 2))
+            out = self.experts_masked(rows, scales, counts, lw)
         else:
             align = 128 if fp8_experts else 1
             rows, scales, offsets, row_expert, token_row = op.dispatch_contiguous(x, ids, n_exp, align, fp8_experts)
-            if fp8_experts:
-                y = op.fp8_grouped_gemm_contiguous(rows, scales, lw["w13_q"], lw["w13_s"], row_expert)
-                q, s = op.silu_mul_quant(y, 128, True)
-                out = op.fp8_grouped_gemm_contiguous(q, s, lw["w2_q"], lw["w2_s"], row_expert)
-            else:
-                out = torch.zeros_like(rows)
-                bounds = offsets.tolist()
-                for e in range(n_exp):
-                    if bounds[e + 1] > bounds[e]:
-                        seg = slice(bounds[e], bounds[e + 1])
-                        out[seg] = self.mlp(rows[seg], lw["w13"][e], lw["w2"][e])
+            out = self.experts_contiguous(rows, scales, offsets, row_expert, lw)
         return op.combine(out.to(x.dtype), token_row, weights, shared)
+
+    def experts_masked(self, rows, scales, counts, lw):
+        """The routed experts (those in ``lw``) on the masked layout [E, max_m, H] -> [E, max_m, H]."""
+        op = self.ops
+        if self.w.fp8_experts:
+            y = op.fp8_grouped_gemm_masked(rows, scales, lw["w13_q"], lw["w13_s"], counts)
+            q, s = op.silu_mul_quant(y, 128, True)
+            return op.fp8_grouped_gemm_masked(q, s, lw["w2_q"], lw["w2_s"], counts)
+        g, u = torch.bmm(rows, lw["w13"].transpose(1, 2)).chunk(2, -1)
+        return torch.bmm(F.silu(g) * u, lw["w2"].transpose(1, 2))
+
+    def experts_contiguous(self, rows, scales, offsets, row_expert, lw):
+        """The routed experts (those in ``lw``) on the contiguous layout [R, H] -> [R, H]."""
+        op = self.ops
+        if self.w.fp8_experts:
+            y = op.fp8_grouped_gemm_contiguous(rows, scales, lw["w13_q"], lw["w13_s"], row_expert)
+            q, s = op.silu_mul_quant(y, 128, True)
+            return op.fp8_grouped_gemm_contiguous(q, s, lw["w2_q"], lw["w2_s"], row_expert)
+        out = torch.zeros_like(rows)
+        bounds = offsets.tolist()
+        for e in range(len(bounds) - 1):
+            if bounds[e + 1] > bounds[e]:
+                seg = slice(bounds[e], bounds[e + 1])
+                out[seg] = self.mlp(rows[seg], lw["w13"][e], lw["w2"][e])
+        return out

@@ -37,6 +37,7 @@ class Weights:
     norm: torch.Tensor
     layers: list[dict]
     fp8_experts: bool = False
+    experts: tuple[int, int] | None = None  # the routed experts [lo, hi) held (expert parallelism); None: all
 
 
 class CheckpointSource:
@@ -68,13 +69,15 @@ class CheckpointSource:
     def has(self, name: str) -> bool:
         return name in self.file_of
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its slice ``rows`` of the first dim (an expert shard: only that part is read)."""
         if name not in self.file_of:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        t = self.handles[self.file_of[name]].get_tensor(name)
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{tuple(shape)}")
+        part = self.handles[self.file_of[name]].get_slice(name)
+        if tuple(part.get_shape()) != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {tuple(part.get_shape())}, config.json "
+                                  f"implies {tuple(shape)}")
+        t = part[:] if rows is None else part[rows[0]: rows[1]]
         if not t.dtype.is_floating_point or t.element_size() < 2:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {t.dtype}; only bf16/fp16/fp32 "
                                   "checkpoints are supported")
@@ -91,21 +94,31 @@ class RandomSource:
     def has(self, name: str) -> bool:
         return name.endswith("experts.gate_up_proj")
 
-    def get(self, name: str, shape) -> torch.Tensor:
+    def get(self, name: str, shape, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name.endswith(_NORMS):
-            return torch.ones(shape, device=self.device)
-        return torch.randn(shape, generator=self.gen, device=self.device).mul_(0.02)
+            t = torch.ones(shape, device=self.device)
+        else:
+            t = torch.randn(shape, generator=self.gen, device=self.device).mul_(0.02)
+        # A shard is cut from the whole tensor, so every world size draws the same weights.
+        return t if rows is None else t[rows[0]: rows[1]].clone()
 
 
 def load_weights(source, cfg: ModelConfig, *, dtype=torch.bfloat16, device="cpu", fp8_experts=False,
-                 progress=True) -> Weights:
-    """Read every tensor the config implies from ``source`` and prepare it (see the module docstring)."""
+                 progress=True, experts: tuple[int, int] | None = None) -> Weights:
+    """Read every tensor the config implies from ``source`` and prepare it (see the module docstring).
+
+    ``experts=(lo, hi)``: keep only routed experts [lo, hi) (one rank's shard under expert parallelism, see
+    ``runner.distributed.expert_shard``); only their tensors are read from a checkpoint.
+    """
+    if experts is not None and not 0 <= experts[0] < experts[1] <= cfg.n_routed_experts:
+        raise CheckpointError(f"expert shard {list(experts)} is not a nonempty range of the {cfg.n_routed_experts} "
+                              "routed experts")
     if fp8_experts and (cfg.moe_intermediate_size % 128 or cfg.hidden_size % 128):
         raise CheckpointError(f"--fp8-experts needs hidden_size and moe_intermediate_size multiples of 128, got "
                               f"{cfg.hidden_size} and {cfg.moe_intermediate_size}")
 
-    def get(name, shape, dt=dtype):
-        return source.get(name, shape).to(device=device, dtype=dt)
+    def get(name, shape, dt=dtype, rows=None):
+        return source.get(name, shape, rows).to(device=device, dtype=dt)
 
     hid, vocab = cfg.hidden_size, cfg.vocab_size
     embed = get("model.embed_tokens.weight", (vocab, hid))
@@ -113,11 +126,13 @@ def load_weights(source, cfg: ModelConfig, *, dtype=torch.bfloat16, device="cpu"
     norm = get("model.norm.weight", (hid,))
     layers = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="loading weights", unit="layer", disable=not progress):
-        layers.append(_load_layer(source, get, cfg, f"model.layers.{i}.", i, fp8_experts, dtype, device))
-    return Weights(cfg, embed, lm_head, norm, layers, fp8_experts)
+        layers.append(_load_layer(source, get, cfg, f"model.layers.{i}.", i, fp8_experts, dtype, device,
+                                  experts or (0, cfg.n_routed_experts)))
+    return Weights(cfg, embed, lm_head, norm, layers, fp8_experts, experts)
 
 
-def _load_layer(source, get, cfg: ModelConfig, p: str, i: int, fp8_experts: bool, dtype, device) -> dict:
+def _load_layer(source, get, cfg: ModelConfig, p: str, i: int, fp8_experts: bool, dtype, device,
+                experts: tuple[int, int]) -> dict:
     hid, heads = cfg.hidden_size, cfg.num_attention_heads
     nope, rope, v, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     a = p + "self_attn."
@@ -150,17 +165,18 @@ def _load_layer(source, get, cfg: ModelConfig, p: str, i: int, fp8_experts: bool
         w["shared_gate_up"] = torch.cat([get(s + "gate_proj.weight", (si, hid)), get(s + "up_proj.weight", (si, hid))])
         w["shared_down"] = get(s + "down_proj.weight", (hid, si))
     fused = next((n for n in (m + "experts.gate_up_proj", m + "experts.gate_up_proj.weight") if source.has(n)), None)
+    lo, hi = experts
     if fused is not None:
-        w13 = get(fused, (n_exp, 2 * inter, hid))
-        w2 = get(fused.replace("gate_up_proj", "down_proj"), (n_exp, hid, inter))
+        w13 = get(fused, (n_exp, 2 * inter, hid), rows=experts)
+        w2 = get(fused.replace("gate_up_proj", "down_proj"), (n_exp, hid, inter), rows=experts)
     else:
-        w13 = torch.empty(n_exp, 2 * inter, hid, dtype=dtype, device=device)
-        w2 = torch.empty(n_exp, hid, inter, dtype=dtype, device=device)
-        for e in range(n_exp):
+        w13 = torch.empty(hi - lo, 2 * inter, hid, dtype=dtype, device=device)
+        w2 = torch.empty(hi - lo, hid, inter, dtype=dtype, device=device)
+        for e in range(lo, hi):
             x = f"{m}experts.{e}."
-            w13[e, :inter] = get(x + "gate_proj.weight", (inter, hid))
-            w13[e, inter:] = get(x + "up_proj.weight", (inter, hid))
-            w2[e] = get(x + "down_proj.weight", (hid, inter))
+            w13[e - lo, :inter] = get(x + "gate_proj.weight", (inter, hid))
+            w13[e - lo, inter:] = get(x + "up_proj.weight", (inter, hid))
+            w2[e - lo] = get(x + "down_proj.weight", (hid, inter))
     if fp8_experts:
         w["w13_q"], w["w13_s"] = fp8.quant_weight_block(w13, 128)
         w["w2_q"], w["w2_s"] = fp8.quant_weight_block(w2, 128)
@@ -170,9 +186,9 @@ def _load_layer(source, get, cfg: ModelConfig, p: str, i: int, fp8_experts: bool
 
 
 def random_weights(cfg: ModelConfig, *, seed=0, dtype=torch.bfloat16, device="cpu", fp8_experts=False,
-                   progress=True) -> Weights:
+                   progress=True, experts: tuple[int, int] | None = None) -> Weights:
     return load_weights(RandomSource(seed, device), cfg, dtype=dtype, device=device, fp8_experts=fp8_experts,
-                        progress=progress)
+                        progress=progress, experts=experts)
 
 
 def load_checkpoint(path: str, **kw) -> Weights:
