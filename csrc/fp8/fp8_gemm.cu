@@ -16,7 +16,7 @@ namespace dsv2 {
 namespace fp8 {
 namespace {
 
-using Dense = DenseGemm<Tile128Pair>;
+using Dense = DenseGemm<Tile128>;
 
 // Scheduling knobs of the one dense instantiation. The raster order follows CUTLASS's heuristic (along M when there
 // are more N tiles than M tiles: a wave then shares a few weight column blocks and streams A, the smaller operand at
