@@ -56,4 +56,12 @@ at::Tensor fp8_grouped_gemm_contiguous_cuda(const at::Tensor& a, const at::Tenso
 at::Tensor fp8_grouped_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                                         const at::Tensor& b_scales, const at::Tensor& counts);
 
+// ---- mla: prefill attention, merge of two attention states (csrc/mla/prefill_attention.cu, merge_attention_states.cu)
+std::tuple<at::Tensor, at::Tensor> prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          const at::Tensor& cu_seqlens_q,
+                                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                          int64_t max_seqlen_k, double softmax_scale, bool causal);
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                               const at::Tensor& out_b, const at::Tensor& lse_b);
+
 }  // namespace dsv2

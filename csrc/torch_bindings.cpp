@@ -17,6 +17,8 @@ TORCH_LIBRARY_IMPL(dsv2_kernels, CUDA, m) {
   m.impl("rms_norm", &dsv2::rms_norm_cuda);
   m.impl("fused_add_rms_norm", &dsv2::fused_add_rms_norm_cuda);
   m.impl("decode_attention", &dsv2::decode_attention_cuda);
+  m.impl("prefill_attention", &dsv2::prefill_attention_cuda);
+  m.impl("merge_attention_states", &dsv2::merge_attention_states_cuda);
   m.impl("fp8_gemm", &dsv2::fp8_gemm_cuda);
   m.impl("fp8_grouped_gemm_contiguous", &dsv2::fp8_grouped_gemm_contiguous_cuda);
   m.impl("fp8_grouped_gemm_masked", &dsv2::fp8_grouped_gemm_masked_cuda);

@@ -37,6 +37,7 @@ from .checks import FP8, check, check_index_range, check_same_device, check_tens
 KV_LORA_RANK = 512
 ROPE_DIM = 64
 KV_DIM = KV_LORA_RANK + ROPE_DIM  # 576: one latent-cache row
+QK_HEAD_DIM, V_HEAD_DIM = 192, 128  # prefill's per-head query/key (128 nope + 64 rope) and value widths
 FP8_MAX = 448.0
 # Floor of the amax in the FP8 cache scales: an all-zero part gets a tiny (but normal fp32) scale instead of 0.
 _AMAX_FLOOR = 1e-10
@@ -629,7 +630,9 @@ def prefill_attention(
         gets out 0 and lse +inf.
     """
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-    if not lib.use_kernel("prefill_attention"):
+    # The CUDA kernel covers DeepSeek-V2's shapes (bf16, head dims 192/128) and rejects others: they run the reference.
+    kernel_shapes = q.dtype == torch.bfloat16 and q.shape[-1] == QK_HEAD_DIM and v.shape[-1] == V_HEAD_DIM
+    if not lib.use_kernel("prefill_attention") or (q.is_cuda and not kernel_shapes):
         return _prefill_attention_impl(*args)
     if _kernel_runs("prefill_attention", q):
         _check_prefill_attention(*args[:-1])

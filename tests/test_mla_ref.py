@@ -337,7 +337,10 @@ def test_prefill_attention_reference(dtype, causal, monkeypatch):
     # Query blocking (for long sequences) must not change the result.
     monkeypatch.setattr(mla, "_SCORE_BLOCK_ELEMS", 1)
     out2, lse2 = mla.prefill_attention(q, k, v, cu_q, cu_k, 6, 11, scale, causal)
-    assert_close(out2, out, atol=1e-6, rtol=1e-6, what="blocked out")
+    # fp32 sums of another shape may differ in the last bit (the CPU BLAS picks its kernel by shape), which can move a
+    # bf16 output to the neighbouring value: one bf16 step (at most 2^-7 relative) allowed there.
+    tol_b = 1e-6 if dtype == torch.float32 else 2**-7
+    assert_close(out2, out, atol=1e-6, rtol=tol_b, what="blocked out")
     assert_close(lse2, lse, atol=1e-6, rtol=0, what="blocked lse")
 
 
