@@ -461,6 +461,45 @@ def test_kernel_silu_mul_quant(shape, column_major):
     _assert_quant_kernel_matches(fp8.silu_mul_quant(x, 128, column_major), want, f"silu {shape}", scale_rtol=1e-5)
 
 
+def _bf16(values):
+    """bf16 tensor from floats, or from raw bit patterns given as ints."""
+    bits = lambda b: torch.tensor(b - (1 << 16) if b >= 1 << 15 else b, dtype=torch.int16)  # noqa: E731
+    return torch.tensor([v if isinstance(v, float) else bits(v).view(torch.bfloat16).item() for v in values],
+                        dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernel("silu_mul_quant")
+@pytest.mark.parametrize("shape", [(4096, 2816), (4, 1024, 2816), (3073, 2816)])
+def test_kernel_silu_mul_quant_special_values_bit_exact(shape):
+    """Byte-for-byte q codes and exact scales at the sizes that take the kernel's table-driven path, with the gate
+    values that path must special-case: +-0 (signed zero out), subnormal and tiny gates, both edges of the table's
+    range (bf16 0x3300/0x32FF and 0x42FF/0x4300), large negative gates (exp overflow), zero rows; and, in a row of their
+    own, inf/NaN inputs (NaN groups compared by position only: the e4m3 NaN encoding may differ)."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(shape, device="cuda", generator=g) * 3).bfloat16()
+    flat, n = x.view(-1, shape[-1]), shape[-1] // 2
+    flat[1] = 0
+    gates = _bf16([-0.0, 1e-30, 0x0001, 0x8001, 0x3300, 0x32FF, 0x42FF, 0x4300, 0xC2FF, 0xC300, -88.5, -90.0,
+                   -200.0, 200.0, 0.0, -0.0])
+    ups = _bf16([-1.5, 2.0, 3.0, -3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 2.0])
+    flat[2, :len(gates)], flat[2, n:n + len(ups)] = gates.cuda(), ups.cuda()
+    flat[3, 130:134] = _bf16([float("inf"), float("-inf"), float("nan"), 0.0]).cuda()
+    flat[3, n + 133] = float("inf")  # 0 * inf
+    with dsv2_kernels.kernels("none"):
+        wq, ws = fp8.silu_mul_quant(x, 128, True)
+    gq, gs = fp8.silu_mul_quant(x, 128, True)
+    assert gs.stride() == ws.stride()
+    assert_close(gs, ws, atol=0, rtol=0, what="scales")
+    rows_g, rows_w = gq.view(-1, n).view(torch.uint8), wq.view(-1, n).view(torch.uint8)
+    keep = torch.ones(rows_g.shape[0], dtype=torch.bool, device="cuda")
+    keep[3] = False
+    assert torch.equal(rows_g[keep], rows_w[keep]), "q codes differ"
+    assert torch.equal(gq.view(-1, n)[3].float().isnan(), wq.view(-1, n)[3].float().isnan()), "NaN positions differ"
+    finite = ~wq.view(-1, n)[3].float().isnan()
+    assert torch.equal(rows_g[3][finite], rows_w[3][finite]), "q codes of the inf/NaN row differ"
+
+
 @pytest.mark.gpu
 @requires_cuda_kernel("quant_weight_block")
 @pytest.mark.parametrize("shape", [(2816, 2048), (300, 200), (2048, 10944), (576, 2048), (8, 2816, 2048)])
