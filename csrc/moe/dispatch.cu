@@ -3,21 +3,31 @@
 //
 // Row order is a function of topk_ids alone: expert e's copies in flat (token, slot) order, i.e. a copy's rank is
 // the number of earlier copies of the same expert. Every count below is an integer sum (order-independent), and the
-// only order-dependent step, the ranks of a CTA's own copies, runs in one warp in flat order, so the layout is
-// deterministic and bit-reproducible without any global atomics.
+// only order-dependent step, ranking copies among their peers, runs inside one warp in flat order (match_any per 32
+// copies: a stable multi-split), so the layout is deterministic and bit-reproducible without any global atomics.
 //
-// The copy kernel (dispatch_kernel) does the rest of the work too, so a dispatch is one launch, or two for large T.
-// CTA j owns tokens [t0, t1). It needs, per expert, the copies before t0 (its rank base) and, for the contiguous
-// layout, the total per expert (the offsets):
-//   * up to kFusedMaxCopies copies (decode): every CTA counts them itself from topk_ids (a few KB from L2);
-//   * beyond: a count kernel first histograms rank chunks (groups of consecutive CTAs) into chunk_hist [chunks, E];
-//     CTA j sums the chunks before its own and counts the few copies between its chunk's start and t0. The chunk
-//     count ~ sqrt(T*k / E) balances those two per-CTA costs. The copy kernel is launched with programmatic
-//     dependent launch, so its launch and its L2 prefetch of the token rows overlap the count kernel.
-// Then warp 0 ranks the CTA's own copies (match_any per 32 copies: a stable multi-split), writes token_row, and all
-// threads copy the rows with 16-byte loads/stores: each token row is read once and written to its k destinations;
-// with FP8 each thread quantizes 16 values, 8 lanes sharing a 128-group's amax through shuffles. The contiguous
-// layout's row_expert (-1 on padding and unused rows) is filled from the offsets, each CTA a slice of the rows.
+// The copy itself is the cost (each token row read once and written k times: 3/4 (FP8) to 6/7 (bf16) of the traffic
+// are writes), so the routing work is kept off the copying CTAs' critical path. Two paths:
+//   * up to kFusedMaxCopies copies (decode, latency-bound): one kernel (dispatch_fused_kernel). Each CTA issues the
+//     loads of its rows first, then counts the copies before its tokens and per expert itself (a few KB of ids from
+//     L2), warp 0 ranks the CTA's own copies into token_row (and shared memory), and all threads copy.
+//   * beyond: three kernels, each a programmatic dependent of the previous one, so all three are in flight together.
+//     They work on rank chunks of chunk_copies consecutive flat copies (~kTargetChunks chunks, <= 4096 copies each):
+//       1. dispatch_count_kernel: the per-expert histogram of each chunk -> chunk_hist [chunks, E].
+//       2. dispatch_rank_kernel, one CTA per chunk: before waiting on 1, each warp ranks its slice of the chunk
+//          locally (match_any, per-warp counters); after, it adds the histograms of the chunks before its own (of all
+//          of them for the offsets) and the counts of the warps before it, and writes token_row; chunk 0 writes the
+//          offsets / counts, each CTA a slice of row_expert (-1 on padding and unused rows), a warp per segment.
+//       3. dispatch_copy_kernel: a pure copy. Each CTA loads its token rows (8 16-byte vectors per thread, in
+//          registers; FP8 quantizes them right away) before waiting on 2, so the first wave's reads (the whole input
+//          at T = 4096, H = 2048) overlap the count/rank chain; then it stages its tokens' token_row in shared memory
+//          and stores each row to its k destinations.
+//     So a copying CTA does one L2 round trip (token_row) besides the copy. (The previous design ranked inside every
+//     copying CTA: an O(chunks * E) prefix, a serial warp-0 loop and barriers before the first store, and the stores
+//     re-read token_row from L2 one slot at a time.)
+// Stores are 16 bytes per lane (a warp writes 512 contiguous bytes of a row). With FP8 each thread quantizes 16 values
+// once per token (not per copy), 8 lanes sharing a 128-group's amax through shuffles; those 8 lanes then store the
+// group's scale to the k destinations, one slot each.
 //
 // FP8 matches fp8.quant_per_token_group_ref bit for bit through the quantizer's own helpers (fp8/quant_common.cuh).
 
@@ -43,6 +53,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxExperts = 1024;
 constexpr int kGroup = 128;  // FP8 quant group (columns)
 constexpr int kFusedMaxCopies = 4096;
+constexpr int kRankBatches = 16;   // batches of 32 copies per warp of a rank chunk: chunks of <= 4096 copies
+static_assert(kMaxExperts <= 1024 && kRankBatches * 32 <= (1 << 21), "the rank kernel packs local_rank << 10 | e");
+constexpr int kTargetChunks = 32;  // rank chunks aimed at (each rank CTA sums chunks * E histogram cells)
+constexpr int kTileCopies = 1024;  // token_row entries of a CTA's tokens staged in shared memory
+constexpr int kCopyBlocks = 4;     // copy CTAs per SM (<= 64 registers): 128 KB of token rows in flight per SM
 constexpr unsigned kFull = 0xffffffffu;
 
 struct Params {
@@ -53,20 +68,19 @@ struct Params {
   int32_t* token_row;           // [T, k]
   int32_t* row_expert;          // [R] (contiguous) or null
   int32_t* meta;                // expert_offsets [E + 1] (contiguous) or counts [E] (masked)
-  const int32_t* chunk_hist;    // [chunks, E] copies per expert per rank chunk, or null (counted in each CTA)
+  const int32_t* chunk_hist;    // [chunks, E] copies per expert per rank chunk (three-kernel path)
   int64_t scale_pad;            // column stride of the scales (round_up(rows per matrix, 4))
   int num_rows;                 // R (contiguous)
   int tokens, top_k, experts, hidden_size;
-  int alignment;       // contiguous
-  int max_m;           // masked
-  int cta_tokens;      // tokens per CTA
-  int chunk_ctas;      // CTAs per rank chunk (chunk_hist path)
-  int chunks;          // rank chunks (chunk_hist path)
+  int alignment;     // contiguous
+  int max_m;         // masked
+  int cta_tokens;    // tokens per copying CTA
+  int chunk_copies;  // copies per rank chunk (a multiple of kThreads, <= kRankBatches * kThreads)
+  int chunks;        // rank chunks
 };
 
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 __device__ __forceinline__ int valid_expert(int e, int num_experts) { return e >= 0 && e < num_experts ? e : -1; }
 
@@ -85,137 +99,356 @@ __device__ __forceinline__ void warp_count(int* counts, int e) {
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-// Rank chunks: copies per expert, chunk_hist[c * E + e]. Lets the dependent copy kernel launch right away.
+// Contiguous layout: s_off[e] = start of expert e's segment (the exclusive prefix of the counts padded to the
+// alignment), s_off[E] = rows used. 4 consecutive experts per thread, then warps, then the CTA. All threads call it;
+// it ends synchronized.
+__device__ __forceinline__ void padded_offsets(const int* s_total, int* s_off, int* s_warp, int E, int alignment) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int v[4], local = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int e = tid * 4 + q;
+    v[q] = e < E ? static_cast<int>((static_cast<int64_t>(s_total[e]) + alignment - 1) / alignment * alignment) : 0;
+    local += v[q];
+  }
+  int incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += n;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  int run = incl - local, all = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    run += w < warp ? s_warp[w] : 0;
+    all += s_warp[w];
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int e = tid * 4 + q;
+    if (e < E) s_off[e] = run;
+    run += v[q];
+  }
+  if (tid == 0) s_off[E] = all;
+  __syncthreads();
+}
+
+// One pass of a CTA over its token rows [t0, t0 + n): each thread holds 8 16-byte vectors of hidden (128 bytes in
+// flight per thread). An item is one vector (bf16) or 16 values = 2 vectors (FP8: 8 lanes per 128-group); item i is
+// unit i % units of token t0 + i / units, and a pass covers items base + j * kThreads + tid, j < kItems.
+// FP8 quantizes each item once (quantize), before the k stores of the token (store).
+template <bool kFp8>
+struct Tile {
+  static constexpr int kPer = kFp8 ? 2 : 1;       // vectors per item
+  static constexpr int kItems = 8 / kPer;         // items per thread per pass
+  static constexpr int kPass = kItems * kThreads;  // items per pass
+  static constexpr int kValues = 8 * kPer;        // values per item
+  uint4 v[8];
+  uint4 q[kFp8 ? kItems : 1];      // FP8: the item's 16 e4m3 values
+  float scale[kFp8 ? kItems : 1];  // FP8: the item's group scale
+
+  __device__ __forceinline__ void load(const Params& p, int t0, int units, int items, int base) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < items) {
+        const int tl = i / units, u = i - tl * units;
+        const uint4* src =
+            reinterpret_cast<const uint4*>(p.hidden + static_cast<int64_t>(t0 + tl) * p.hidden_size) + u * kPer;
+#pragma unroll
+        for (int h = 0; h < kPer; ++h) v[j * kPer + h] = __ldcs(src + h);  // read once: evict first
+      } else {
+#pragma unroll
+        for (int h = 0; h < kPer; ++h) v[j * kPer + h] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+
+  // All 32 lanes of every warp (shuffles); items past the end hold zeros and are never stored.
+  __device__ __forceinline__ void quantize() {
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const uint4 a = v[2 * j], b = v[2 * j + 1];
+        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        float x[16];
+        float amax = 0.f;
+#pragma unroll
+        for (int h = 0; h < 8; ++h) {
+          x[2 * h] = bf16_lo(w[h]);
+          x[2 * h + 1] = bf16_hi(w[h]);
+          amax = fp8_quant::max_nan(amax, fp8_quant::max_nan(fabsf(x[2 * h]), fabsf(x[2 * h + 1])));
+        }
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 1));
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 2));
+        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 4));
+        // The same scale and quotients as quant_per_token_group (quant_common.cuh), so the fused path is bit-exact
+        // with the reference (which multiplies amax by the fp32 reciprocal of 448, as ATen does).
+        scale[j] = fp8_quant::group_scale(amax);
+        const fp8_quant::Divisor div = fp8_quant::make_divisor(scale[j]);
+        uint32_t packed[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+          packed[h] = fp8_quant::fp8x2(x[4 * h], x[4 * h + 1], div) |
+                      (fp8_quant::fp8x2(x[4 * h + 2], x[4 * h + 3], div) << 16);
+        q[j] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      }
+    }
+  }
+
+  // tr: token_row of the CTA's tokens (shared memory, or global where it does not fit).
+  template <bool kMasked>
+  __device__ __forceinline__ void store(const Params& p, int units, int items, int base, const int32_t* tr) const {
+    const int k = p.top_k, H = p.hidden_size;
+    const int64_t row_bytes = static_cast<int64_t>(H) * (kFp8 ? 1 : 2);
+    char* out = static_cast<char*>(p.rows);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < items) {
+        const int tl = i / units, u = i - tl * units;
+        uint4 val;
+        if constexpr (kFp8) val = q[j]; else val = v[j];
+        const int32_t* trt = tr + tl * k;
+#pragma unroll 4
+        for (int s = 0; s < k; ++s) {
+          const int d = trt[s];
+          if (d >= 0) *reinterpret_cast<uint4*>(out + d * row_bytes + u * 16) = val;
+        }
+        if constexpr (kFp8) {
+          // The group's scale, once per destination: the 8 lanes of the group take the slots in turn.
+          const int64_t g = u / (kGroup / kValues);
+          for (int s = threadIdx.x & 7; s < k; s += 8) {
+            const int d = trt[s];
+            if (d < 0) continue;
+            int64_t so;
+            if constexpr (kMasked) {
+              const int e = d / p.max_m, m = d - e * p.max_m;
+              so = static_cast<int64_t>(e) * (H / kGroup) * p.scale_pad + m;
+            } else {
+              so = d;
+            }
+            p.scales[so + g * p.scale_pad] = scale[j];
+          }
+        }
+      }
+    }
+  }
+};
+
+// Rank chunks: copies per expert of copies [c * chunk_copies, (c + 1) * chunk_copies), chunk_hist[c * E + e].
 __global__ void __launch_bounds__(kThreads) dispatch_count_kernel(const int32_t* __restrict__ ids,
-                                                                  int32_t* __restrict__ chunk_hist, int tokens,
-                                                                  int top_k, int num_experts, int chunk_tokens) {
+                                                                  int32_t* __restrict__ chunk_hist, int64_t copies,
+                                                                  int num_experts, int chunk_copies) {
   __shared__ int hist[kMaxExperts];
   griddep_launch_dependents();
+  const int64_t from = static_cast<int64_t>(blockIdx.x) * chunk_copies;
+  const int64_t to = std::min<int64_t>(from + chunk_copies, copies);
+  int ev[kRankBatches];  // all of this thread's ids in flight at once
+#pragma unroll
+  for (int b = 0; b < kRankBatches; ++b) {
+    const int64_t i = from + b * kThreads + threadIdx.x;
+    ev[b] = i < to ? valid_expert(__ldg(ids + i), num_experts) : -1;
+  }
   for (int e = threadIdx.x; e < num_experts; e += kThreads) hist[e] = 0;
   __syncthreads();
-  const int64_t from = static_cast<int64_t>(blockIdx.x) * chunk_tokens * top_k;
-  const int64_t to = std::min<int64_t>(from + static_cast<int64_t>(chunk_tokens) * top_k,
-                                       static_cast<int64_t>(tokens) * top_k);
-  const int lane = threadIdx.x & 31;
-  constexpr int kIdBatch = 8;  // id loads in flight per thread
-  for (int64_t i0 = from + (threadIdx.x - lane); i0 < to; i0 += kThreads * kIdBatch) {  // warp-uniform
-    int ev[kIdBatch];
 #pragma unroll
-    for (int q = 0; q < kIdBatch; ++q) {
-      const int64_t i = i0 + q * kThreads + lane;
-      ev[q] = i < to ? valid_expert(__ldg(ids + i), num_experts) : -1;
-    }
-#pragma unroll
-    for (int q = 0; q < kIdBatch; ++q) warp_count(hist, ev[q]);
-  }
+  for (int b = 0; b < kRankBatches; ++b)
+    if (from + b * kThreads < to) warp_count(hist, ev[b]);  // CTA-uniform
   __syncthreads();
   for (int e = threadIdx.x; e < num_experts; e += kThreads)
     chunk_hist[static_cast<int64_t>(blockIdx.x) * num_experts + e] = hist[e];
 }
 
+// One CTA per rank chunk: token_row of its copies, the offsets / counts (chunk 0), a slice of row_expert.
+// <= 64 registers: an SM running a rank CTA still takes 3 copy CTAs.
+template <bool kMasked>
+__global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_rank_kernel(const __grid_constant__ Params p) {
+  __shared__ int s_cnt[kWarps * kMaxExperts];  // [warp][e]: copies in the warp's slice, then in the slices before it
+  __shared__ int s_before[kMaxExperts];        // copies of each expert in the chunks before this one
+  __shared__ int s_total[kMaxExperts];         // copies of each expert overall (contiguous; masked: chunk 0 only)
+  __shared__ int s_off[kMaxExperts + 1];       // contiguous: each expert's segment start
+  __shared__ int s_warp[kWarps];
+  griddep_launch_dependents();  // the copy kernel launches now and loads its rows while this one works
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int E = p.experts, chunk = blockIdx.x;
+  const int batches = p.chunk_copies / kThreads;  // per warp
+  const int64_t n = static_cast<int64_t>(p.tokens) * p.top_k;
+  const int64_t slice = static_cast<int64_t>(chunk) * p.chunk_copies + static_cast<int64_t>(warp) * batches * 32;
+
+  // Local ranks (within the warp's slice) need only the ids: done before waiting on the count kernel.
+  int ev[kRankBatches];
+#pragma unroll
+  for (int b = 0; b < kRankBatches; ++b) {
+    const int64_t i = slice + b * 32 + lane;
+    ev[b] = b < batches && i < n ? valid_expert(__ldg(p.ids + i), E) : -1;
+  }
+  for (int c = tid; c < kWarps * E; c += kThreads) s_cnt[c] = 0;
+  for (int e = tid; e < E; e += kThreads) s_before[e] = s_total[e] = 0;
+  __syncthreads();
+  int* cnt = s_cnt + warp * E;
+#pragma unroll
+  for (int b = 0; b < kRankBatches; ++b) {
+    if (b < batches) {  // warp-uniform
+      // A copy's local rank: the peers (same expert) in earlier batches plus those in lower lanes; the lowest peer
+      // then advances the warp's counter. Kept with the expert in one register: local_rank << 10 | e.
+      const int e = ev[b];
+      const unsigned peers = __match_any_sync(kFull, e);
+      const unsigned lower = peers & ((1u << lane) - 1u);
+      if (e >= 0) ev[b] = (cnt[e] + __popc(lower)) << 10 | e;
+      __syncwarp();
+      if (e >= 0 && lower == 0) cnt[e] += __popc(peers);
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < E; e += kThreads) {  // exclusive prefix over the warps
+    int run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = s_cnt[w * E + e];
+      s_cnt[w * E + e] = run;
+      run += c;
+    }
+  }
+
+  griddep_wait();  // chunk_hist is complete and visible (a no-op without a programmatic dependency)
+  const bool need_total = !kMasked || chunk == 0;
+  const int cells = (need_total ? p.chunks : chunk) * E;
+  constexpr int kCellBatch = 16;  // independent loads in flight per thread
+  for (int c0 = tid; c0 < cells; c0 += kThreads * kCellBatch) {
+    int v[kCellBatch];
+#pragma unroll
+    for (int q = 0; q < kCellBatch; ++q) {
+      const int c = c0 + q * kThreads;
+      v[q] = c < cells ? __ldcg(p.chunk_hist + c) : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < kCellBatch; ++q) {
+      const int c = c0 + q * kThreads;
+      if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
+        const int e = c % E;
+        if (c < chunk * E) atomicAdd(s_before + e, v[q]);
+        atomicAdd(s_total + e, v[q]);
+      }
+    }
+  }
+  __syncthreads();
+  if constexpr (!kMasked) padded_offsets(s_total, s_off, s_warp, E, p.alignment);
+  if (chunk == 0) {
+    if constexpr (kMasked) {
+      for (int e = tid; e < E; e += kThreads) p.meta[e] = s_total[e];
+    } else {
+      for (int e = tid; e <= E; e += kThreads) p.meta[e] = s_off[e];
+    }
+  }
+
+#pragma unroll
+  for (int b = 0; b < kRankBatches; ++b) {
+    const int64_t i = slice + b * 32 + lane;
+    if (b < batches && i < n) {
+      int dest = -1;
+      if (ev[b] >= 0) {
+        const int e = ev[b] & 1023;
+        const int rank = s_before[e] + cnt[e] + (ev[b] >> 10);
+        if constexpr (kMasked)
+          dest = rank < p.max_m ? e * p.max_m + rank : -1;
+        else
+          dest = s_off[e] + rank;
+      }
+      p.token_row[i] = dest;
+    }
+  }
+
+  if constexpr (!kMasked) {
+    // This CTA's slice of row_expert, segment by segment (a warp per expert; e == E: the unused tail).
+    const int64_t per = (static_cast<int64_t>(p.num_rows) + gridDim.x - 1) / gridDim.x;
+    const int lo = static_cast<int>(std::min<int64_t>(chunk * per, p.num_rows));
+    const int hi = static_cast<int>(std::min<int64_t>(lo + per, p.num_rows));
+    for (int e = warp; e <= E; e += kWarps) {
+      const int seg_lo = max(lo, s_off[e]);
+      const int seg_hi = min(hi, e < E ? s_off[e + 1] : p.num_rows);
+      const int used = e < E ? s_off[e] + s_total[e] : 0;  // rows below hold copies, the rest is padding
+      for (int r = seg_lo + lane; r < seg_hi; r += 32) p.row_expert[r] = r < used ? e : -1;
+    }
+  }
+}
+
+// Pure copy of cta_tokens tokens per CTA, once token_row is known (dispatch_rank_kernel).
 template <bool kMasked, bool kFp8>
-__global__ void __launch_bounds__(kThreads) dispatch_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_copy_kernel(const __grid_constant__ Params p) {
+  __shared__ int32_t s_tr[kTileCopies];
+  const int k = p.top_k;
+  const int t0 = blockIdx.x * p.cta_tokens;
+  const int t1 = min(t0 + p.cta_tokens, p.tokens);
+  const int units = p.hidden_size / Tile<kFp8>::kValues, items = (t1 - t0) * units;
+  const int tile_copies = (t1 - t0) * k;
+  const int32_t* tr = p.token_row + static_cast<int64_t>(t0) * k;
+  Tile<kFp8> tile;
+  for (int base = 0; base < items; base += Tile<kFp8>::kPass) {  // one pass unless H > 16384
+    tile.load(p, t0, units, items, base);
+    tile.quantize();
+    if (base == 0) {
+      griddep_wait();  // token_row is complete (a no-op without a programmatic dependency)
+      if (tile_copies <= kTileCopies)
+        for (int c = threadIdx.x; c < tile_copies; c += kThreads) s_tr[c] = __ldcg(tr + c);
+      __syncthreads();
+    }
+    if (tile_copies <= kTileCopies)
+      tile.template store<kMasked>(p, units, items, base, s_tr);
+    else
+      tile.template store<kMasked>(p, units, items, base, tr);
+  }
+}
+
+// Small T: everything in one kernel. Each CTA counts the copies before its tokens (and per expert, for the offsets)
+// itself, warp 0 ranks its own copies, then all threads copy.
+template <bool kMasked, bool kFp8>
+__global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(const __grid_constant__ Params p) {
   __shared__ int s_before[kMaxExperts];  // copies of each expert before the next own copy (the rank base)
   __shared__ int s_total[kMaxExperts];   // copies of each expert overall (contiguous; masked: CTA 0 only)
   __shared__ int s_off[kMaxExperts + 1]; // contiguous: each expert's segment start
   __shared__ int s_warp[kWarps];
+  __shared__ int32_t s_tr[kTileCopies];  // token_row of the own tokens
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int E = p.experts, k = p.top_k, H = p.hidden_size;
+  const int E = p.experts, k = p.top_k;
   const int t0 = blockIdx.x * p.cta_tokens;
   const int t1 = min(t0 + p.cta_tokens, p.tokens);
+  const int units = p.hidden_size / Tile<kFp8>::kValues, items = (t1 - t0) * units;
+  const bool tr_smem = (t1 - t0) * k <= kTileCopies;
 
-  // The token rows do not depend on the routing: start pulling them into L2 while the ranks are worked out.
-  {
-    const char* base = reinterpret_cast<const char*>(p.hidden + static_cast<int64_t>(t0) * H);
-    const int64_t bytes = static_cast<int64_t>(t1 - t0) * H * 2;
-    for (int64_t o = static_cast<int64_t>(tid) * 128; o < bytes; o += kThreads * 128) prefetch_l2(base + o);
-  }
-  griddep_wait();  // chunk_hist is complete and visible (a no-op without a programmatic dependency)
+  // The token rows do not depend on the routing: their loads are in flight during the counting.
+  Tile<kFp8> tile;
+  tile.load(p, t0, units, items, 0);
 
   const bool need_total = !kMasked || blockIdx.x == 0;
   for (int e = tid; e < E; e += kThreads) s_before[e] = s_total[e] = 0;
   __syncthreads();
 
-  int64_t count_from = 0, count_to = static_cast<int64_t>(t0) * k;  // copies to count into s_before
-  int64_t total_to = need_total ? static_cast<int64_t>(p.tokens) * k : 0;
-  if (p.chunk_hist != nullptr) {
-    const int chunk = blockIdx.x / p.chunk_ctas;
-    count_from = static_cast<int64_t>(chunk) * p.chunk_ctas * p.cta_tokens * k;
-    total_to = 0;
-    const int cells = (need_total ? p.chunks : chunk) * E;
-    constexpr int kBatch = 8;  // independent loads in flight per thread
-    for (int c0 = tid; c0 < cells; c0 += kThreads * kBatch) {
-      int v[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int c = c0 + q * kThreads;
-        v[q] = c < cells ? __ldg(p.chunk_hist + c) : 0;
-      }
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int c = c0 + q * kThreads;
-        if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
-          const int e = c % E;
-          if (c < chunk * E) atomicAdd(s_before + e, v[q]);
-          atomicAdd(s_total + e, v[q]);
-        }
-      }
-    }
-  }
-  // Warp-uniform loop over flat copies: s_before over [count_from, count_to), s_total over [0, total_to).
-  const int64_t scan_to = std::max(count_to, total_to);
+  // Warp-uniform loop over flat copies: s_before over [0, t0 * k), s_total over [0, T * k) (<= kFusedMaxCopies).
+  const int count_to = t0 * k, total_to = need_total ? p.tokens * k : 0;
+  const int scan_to = max(count_to, total_to);
   constexpr int kIdBatch = 8;  // id loads in flight per thread before the counting
-  for (int64_t i0 = (total_to > 0 ? 0 : count_from) + warp * 32; i0 < scan_to; i0 += kThreads * kIdBatch) {
+  for (int i0 = warp * 32; i0 < scan_to; i0 += kThreads * kIdBatch) {
     int ev[kIdBatch];
 #pragma unroll
     for (int q = 0; q < kIdBatch; ++q) {
-      const int64_t i = i0 + q * kThreads + lane;
+      const int i = i0 + q * kThreads + lane;
       ev[q] = i < scan_to ? valid_expert(__ldg(p.ids + i), E) : -1;
     }
 #pragma unroll
     for (int q = 0; q < kIdBatch; ++q) {
-      const int64_t i = i0 + q * kThreads + lane;
-      warp_count(s_before, i >= count_from && i < count_to ? ev[q] : -1);
+      const int i = i0 + q * kThreads + lane;
+      warp_count(s_before, i < count_to ? ev[q] : -1);
       if (total_to > 0) warp_count(s_total, ev[q]);  // ev is -1 past T*k = total_to
     }
   }
   __syncthreads();
 
-  if constexpr (!kMasked) {
-    // Exclusive scan of the padded counts: 4 consecutive experts per thread, then warps, then the CTA.
-    int v[4], local = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int e = tid * 4 + q;
-      v[q] = e < E ? static_cast<int>((static_cast<int64_t>(s_total[e]) + p.alignment - 1) / p.alignment *
-                                      p.alignment)
-                   : 0;
-      local += v[q];
-    }
-    int incl = local;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += n;
-    }
-    if (lane == 31) s_warp[warp] = incl;
-    __syncthreads();
-    int run = incl - local, all = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      run += w < warp ? s_warp[w] : 0;
-      all += s_warp[w];
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int e = tid * 4 + q;
-      if (e < E) s_off[e] = run;
-      run += v[q];
-    }
-    if (tid == 0) s_off[E] = all;
-    __syncthreads();
-  }
+  if constexpr (!kMasked) padded_offsets(s_total, s_off, s_warp, E, p.alignment);
   if (blockIdx.x == 0) {
     if constexpr (kMasked) {
       for (int e = tid; e < E; e += kThreads) p.meta[e] = s_total[e];
@@ -246,6 +479,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(const __grid_constan
             dest = s_off[e] + rank;
         }
         p.token_row[i] = dest;
+        if (tr_smem) s_tr[i - t0 * k] = dest;
       }
     }
   } else if constexpr (!kMasked) {
@@ -262,102 +496,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(const __grid_constan
       p.row_expert[r] = r - s_off[a] < s_total[a] ? a : -1;
     }
   }
-  __syncthreads();  // token_row of the own tokens is written (read back below with coherent loads)
+  __syncthreads();  // token_row of the own tokens is written (s_tr, or global: read back with coherent loads)
 
-  const int32_t* token_row = p.token_row;
-  if constexpr (!kFp8) {
-    const int U = H / 8;  // 16-byte vectors per row
-    const int items = (t1 - t0) * U;
-    constexpr int kUnroll = 4;
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.rows);
-    for (int i0 = tid; i0 < items; i0 += kThreads * kUnroll) {
-      uint4 v[kUnroll];
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int i = i0 + q * kThreads;
-        if (i < items) {
-          const int tl = i / U, u = i - tl * U;
-          v[q] = __ldcs(reinterpret_cast<const uint4*>(p.hidden + static_cast<int64_t>(t0 + tl) * H) + u);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int i = i0 + q * kThreads;
-        if (i < items) {
-          const int tl = i / U, u = i - tl * U;
-          const int32_t* tr = token_row + static_cast<int64_t>(t0 + tl) * k;
-          for (int s = 0; s < k; ++s) {
-            const int d = tr[s];
-            if (d >= 0) reinterpret_cast<uint4*>(out + static_cast<int64_t>(d) * H)[u] = v[q];
-          }
-        }
-      }
-    }
-  } else {
-    const int U = H / 16;  // 16 values per thread: two 16-byte loads, one 16-byte store; 8 threads per group
-    const int items = (t1 - t0) * U;
-    constexpr int kUnroll = 2;
-    uint8_t* out = static_cast<uint8_t*>(p.rows);
-    // Warp-uniform trip count (the shuffles need all lanes); U % 8 == 0 keeps each 8-lane group in one token.
-    for (int w0 = warp * 32; w0 < items; w0 += kThreads * kUnroll) {
-      uint4 v[kUnroll][2];
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int i = w0 + lane + q * kThreads;
-        if (i < items) {
-          const int tl = i / U, u = i - tl * U;
-          const uint4* src = reinterpret_cast<const uint4*>(p.hidden + static_cast<int64_t>(t0 + tl) * H) + 2 * u;
-          v[q][0] = __ldcs(src);
-          v[q][1] = __ldcs(src + 1);
-        } else {
-          v[q][0] = v[q][1] = make_uint4(0, 0, 0, 0);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        const int i = w0 + lane + q * kThreads;
-        float x[16];
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(v[q]);
-        float amax = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          x[2 * j] = bf16_lo(w[j]);
-          x[2 * j + 1] = bf16_hi(w[j]);
-          amax = fp8_quant::max_nan(amax, fp8_quant::max_nan(fabsf(x[2 * j]), fabsf(x[2 * j + 1])));
-        }
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 1));
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 2));
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 4));
-        // The same scale and quotients as quant_per_token_group (quant_common.cuh), so the fused path is bit-exact
-        // with the reference (which multiplies amax by the fp32 reciprocal of 448, as ATen does).
-        const float scale = fp8_quant::group_scale(amax);
-        const fp8_quant::Divisor div = fp8_quant::make_divisor(scale);
-        uint32_t packed[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          packed[j] = fp8_quant::fp8x2(x[4 * j], x[4 * j + 1], div) | (fp8_quant::fp8x2(x[4 * j + 2], x[4 * j + 3], div) << 16);
-        const uint4 o = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        if (i < items) {
-          const int tl = i / U, u = i - tl * U, g = u / (kGroup / 16);
-          const int32_t* tr = token_row + static_cast<int64_t>(t0 + tl) * k;
-          for (int s = 0; s < k; ++s) {
-            const int d = tr[s];
-            if (d < 0) continue;
-            reinterpret_cast<uint4*>(out + static_cast<int64_t>(d) * H)[u] = o;
-            if ((lane & 7) == 0) {
-              int64_t so;
-              if constexpr (kMasked) {
-                const int e = d / p.max_m, m = d - e * p.max_m;
-                so = static_cast<int64_t>(e) * (H / kGroup) * p.scale_pad + m;
-              } else {
-                so = d;
-              }
-              p.scales[so + g * p.scale_pad] = scale;
-            }
-          }
-        }
-      }
-    }
+  for (int base = 0; base < items; base += Tile<kFp8>::kPass) {  // one pass unless H > 16384
+    if (base > 0) tile.load(p, t0, units, items, base);
+    tile.quantize();
+    if (tr_smem)
+      tile.template store<kMasked>(p, units, items, base, s_tr);
+    else
+      tile.template store<kMasked>(p, units, items, base, p.token_row + static_cast<int64_t>(t0) * k);
   }
 }
 
@@ -409,50 +556,62 @@ void launch_dependent(bool programmatic, Kernel kernel, unsigned grid, cudaStrea
   kernel<<<grid, kThreads, 0, stream>>>(args...);
 }
 
-// Fills the geometry of p (tokens per CTA, rank chunks) and launches the count kernel (if needed) and the copy
-// kernel on the current stream.
+// Fills the geometry of p (tokens per CTA, rank chunks) and launches the fused kernel, or the count, rank and copy
+// kernels, on the current stream.
 template <bool kMasked>
 void launch(Params& p, bool quant_fp8, int64_t tokens, at::Tensor& chunk_hist_buf, const at::Tensor& hidden) {
   const int64_t copies = tokens * p.top_k;
-  // Tokens per CTA: about 4 row vectors per thread, but at least ~256 CTAs when T allows it.
-  const int64_t units = quant_fp8 ? p.hidden_size / 16 : p.hidden_size / 8;
-  int64_t cta_tokens = std::max<int64_t>(1, (4 * kThreads + units - 1) / units);
-  cta_tokens = std::max<int64_t>(1, std::min<int64_t>({cta_tokens, tokens / 256, 64}));
+  // Tokens per CTA: one pass of Tile (8 vectors = 32 KB of rows per CTA), their token_row in shared memory, and at
+  // least ~256 CTAs when T allows it.
+  const int64_t units = quant_fp8 ? p.hidden_size / Tile<true>::kValues : p.hidden_size / Tile<false>::kValues;
+  const int64_t pass = quant_fp8 ? Tile<true>::kPass : Tile<false>::kPass;
+  int64_t cta_tokens = std::max<int64_t>(1, pass / units);
+  cta_tokens = std::max<int64_t>(1, std::min<int64_t>({cta_tokens, kTileCopies / p.top_k, tokens / 256}));
   const int64_t ctas = (tokens + cta_tokens - 1) / cta_tokens;
   p.cta_tokens = static_cast<int>(cta_tokens);
-  p.chunk_ctas = 1;
+  p.chunk_copies = kThreads;
   p.chunks = 1;
   p.chunk_hist = nullptr;
 
   const c10::cuda::CUDAGuard guard(hidden.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  bool programmatic = false;
-  if (copies > kFusedMaxCopies) {
-    const double target = std::sqrt(static_cast<double>(copies) / p.experts);
-    const int64_t chunk_ctas = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ctas / std::max(target, 1.0))));
-    const int64_t chunks = (ctas + chunk_ctas - 1) / chunk_ctas;
-    p.chunk_ctas = static_cast<int>(chunk_ctas);
-    p.chunks = static_cast<int>(chunks);
-    chunk_hist_buf = at::empty({chunks, p.experts}, hidden.options().dtype(at::kInt));
-    p.chunk_hist = chunk_hist_buf.data_ptr<int32_t>();
-    dispatch_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-        p.ids, chunk_hist_buf.data_ptr<int32_t>(), p.tokens, p.top_k, p.experts,
-        static_cast<int>(chunk_ctas * cta_tokens));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Programmatic launch overlaps the copy kernel's launch with the count kernel. Not while a CUDA graph is being
-    // captured: an ordinary edge there is certain to capture on every driver.
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusActive;
-    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
-      (void)cudaGetLastError();
-      capture = cudaStreamCaptureStatusActive;
-    }
-    programmatic = capture == cudaStreamCaptureStatusNone;
-  }
   const unsigned grid = static_cast<unsigned>(ctas);
+  if (copies <= kFusedMaxCopies) {
+    if (quant_fp8)
+      dispatch_fused_kernel<kMasked, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      dispatch_fused_kernel<kMasked, false><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  // Rank chunks: ~kTargetChunks of them, each a whole number of 32-copy batches per warp (at most kRankBatches).
+  const int64_t batches = std::clamp<int64_t>((copies + kThreads * kTargetChunks - 1) / (kThreads * kTargetChunks),
+                                              1, kRankBatches);
+  const int64_t chunk_copies = batches * kThreads;
+  const int64_t chunks = (copies + chunk_copies - 1) / chunk_copies;
+  p.chunk_copies = static_cast<int>(chunk_copies);
+  p.chunks = static_cast<int>(chunks);
+  chunk_hist_buf = at::empty({chunks, p.experts}, hidden.options().dtype(at::kInt));
+  p.chunk_hist = chunk_hist_buf.data_ptr<int32_t>();
+  dispatch_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+      p.ids, chunk_hist_buf.data_ptr<int32_t>(), copies, p.experts, p.chunk_copies);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Programmatic launches put the three kernels in flight together (the copy kernel's loads overlap the count and
+  // rank kernels). Not while a CUDA graph is being captured: an ordinary edge there is certain to capture on every
+  // driver.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusActive;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+    (void)cudaGetLastError();
+    capture = cudaStreamCaptureStatusActive;
+  }
+  const bool programmatic = capture == cudaStreamCaptureStatusNone;
+  launch_dependent(programmatic, dispatch_rank_kernel<kMasked>, static_cast<unsigned>(chunks), stream, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (quant_fp8)
-    launch_dependent(programmatic, dispatch_kernel<kMasked, true>, grid, stream, p);
+    launch_dependent(programmatic, dispatch_copy_kernel<kMasked, true>, grid, stream, p);
   else
-    launch_dependent(programmatic, dispatch_kernel<kMasked, false>, grid, stream, p);
+    launch_dependent(programmatic, dispatch_copy_kernel<kMasked, false>, grid, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
