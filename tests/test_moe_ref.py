@@ -717,8 +717,8 @@ def test_kernel_decode_layer_cuda_graph():
 @requires_cuda_kernel("dispatch_contiguous")
 @requires_cuda_kernel("dispatch_masked")
 def test_kernel_dispatch_large_cuda_graph():
-    """Above 4096 copies the dispatch is count, rank and copy kernels (a count kernel, then the copy kernel, programmatically
-    dependent when run eagerly, ordinarily dependent under capture): both launch paths give the same bits."""
+    """Above 4096 copies the dispatch is three kernels (count, rank, copy; programmatically dependent when run
+    eagerly, ordinarily dependent under capture): both launch paths give the same bits."""
     t, k, e, h = 2048, 6, 160, 2048
     hidden, ids = _cuda(hidden_for(t, h, seed=21), routing("random", t, k, e, seed=21))
     calls = [lambda: moe.dispatch_contiguous(hidden, ids, e, 128, True),
