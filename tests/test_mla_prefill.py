@@ -204,14 +204,15 @@ def test_prefill_unsupported_and_bad_metadata():
     for fn, pattern in bad:
         with pytest.raises(ValueError, match=f"prefill_attention.*{pattern}"):
             fn()
-    # Through the wrapper: dtypes the reference accepts but the kernel does not get the kernel's error, naming the
-    # way to the reference; the reference itself still takes them.
+    # Dtypes the reference accepts but the kernel does not: the op's CUDA kernel rejects them, naming the way to the
+    # reference; the public wrapper sends them to the reference itself.
     args = (q.half(), k.half(), v.half(), cu_q, cu_k, 70, 90, 0.1, True)
     with pytest.raises(ValueError, match="prefill_attention.*'q'.*kernels\\('none'\\)"):
-        mla.prefill_attention(*args)
+        ops.prefill_attention(*args)
+    out, _ = mla.prefill_attention(*args)
     with dsv2_kernels.kernels("none"):
-        out, _ = mla.prefill_attention(*args)
-    assert out.dtype == torch.float16
+        want, _ = mla.prefill_attention(*args)
+    assert out.dtype == torch.float16 and torch.equal(out, want)
 
 
 @prefill_kernel
