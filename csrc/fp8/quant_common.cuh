@@ -220,6 +220,35 @@ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr)
 
 // Checks (same wording as dsv2_kernels/fp8.py), outputs laid out exactly as the fake impl, and the launch.
 // kSilu: x is [.., M, 2N] (gate | up) and the output is [.., M, N].
+// The outputs of a per-token-group quantization of x [(B,) M, *] into `groups` groups of `width` values per row,
+// exactly as the fake impls lay them out: q contiguous; scales row-major contiguous, or column-major with
+// M_pad = round_up(M, 4) (per batch for a 3-d input); with the scales' batch, row and group strides.
+struct QuantOutputs {
+  at::Tensor q, s;
+  int64_t s_sb, s_sm, s_sc;
+};
+inline QuantOutputs quant_outputs(const at::Tensor& x, int64_t width, int64_t groups, bool column_major) {
+  const bool batched = x.dim() == 3;
+  const int64_t m = x.size(-2);
+  std::vector<int64_t> q_sizes(x.sizes().begin(), x.sizes().end());
+  q_sizes.back() = width;
+  QuantOutputs o;
+  o.q = at::empty(q_sizes, x.options().dtype(at::kFloat8_e4m3fn));
+  std::vector<int64_t> s_sizes = q_sizes;
+  s_sizes.back() = groups;
+  if (column_major) {
+    const int64_t m_pad = (m + 3) / 4 * 4;
+    o.s_sb = groups * m_pad, o.s_sm = 1, o.s_sc = m_pad;
+    std::vector<int64_t> strides = {1, m_pad};
+    if (batched) strides.insert(strides.begin(), o.s_sb);
+    o.s = at::empty_strided(s_sizes, strides, x.options().dtype(at::kFloat));
+  } else {
+    o.s_sb = m * groups, o.s_sm = groups, o.s_sc = 1;
+    o.s = at::empty(s_sizes, x.options().dtype(at::kFloat));
+  }
+  return o;
+}
+
 template <bool kSilu>
 std::tuple<at::Tensor, at::Tensor> group_quant(const char* op, const at::Tensor& x_in, int64_t group_size,
                                                bool column_major) {
@@ -246,25 +275,7 @@ std::tuple<at::Tensor, at::Tensor> group_quant(const char* op, const at::Tensor&
   const int64_t batches = batched ? x_in.size(0) : 1, m = x_in.size(-2);
   const int64_t width = kSilu ? in_width / 2 : in_width, groups = width / group_size;
 
-  // Outputs exactly as the fake impl: q contiguous; scales row-major contiguous, or column-major with
-  // M_pad = round_up(M, 4) (per batch for a 3-d input).
-  std::vector<int64_t> q_sizes(x_in.sizes().begin(), x_in.sizes().end());
-  q_sizes.back() = width;
-  at::Tensor q = at::empty(q_sizes, x_in.options().dtype(at::kFloat8_e4m3fn));
-  std::vector<int64_t> s_sizes = q_sizes;
-  s_sizes.back() = groups;
-  at::Tensor s;
-  int64_t s_sb, s_sm, s_sc;
-  if (column_major) {
-    const int64_t m_pad = (m + 3) / 4 * 4;
-    s_sb = groups * m_pad, s_sm = 1, s_sc = m_pad;
-    std::vector<int64_t> strides = {1, m_pad};
-    if (batched) strides.insert(strides.begin(), s_sb);
-    s = at::empty_strided(s_sizes, strides, x_in.options().dtype(at::kFloat));
-  } else {
-    s_sb = m * groups, s_sm = groups, s_sc = 1;
-    s = at::empty(s_sizes, x_in.options().dtype(at::kFloat));
-  }
+  auto [q, s, s_sb, s_sm, s_sc] = quant_outputs(x_in, width, groups, column_major);
   if (batches == 0 || m == 0) return {q, s};
 
   const int e = dt == at::kFloat ? 4 : 8;

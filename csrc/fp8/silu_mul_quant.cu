@@ -281,23 +281,7 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_cuda(const at::Tensor& x, int6
   if (!use_lut) return fp8_quant::group_quant<true>("silu_mul_quant", x, group_size, column_major_scales);
 
   // Outputs exactly as group_quant (and the fake impl) lays them out.
-  std::vector<int64_t> q_sizes(x.sizes().begin(), x.sizes().end());
-  q_sizes.back() = width;
-  at::Tensor q = at::empty(q_sizes, x.options().dtype(at::kFloat8_e4m3fn));
-  std::vector<int64_t> s_sizes = q_sizes;
-  s_sizes.back() = groups;
-  at::Tensor s;
-  int64_t s_sb, s_sm, s_sc;
-  if (column_major_scales) {
-    const int64_t m_pad = (m + 3) / 4 * 4;
-    s_sb = groups * m_pad, s_sm = 1, s_sc = m_pad;
-    std::vector<int64_t> strides = {1, m_pad};
-    if (batched) strides.insert(strides.begin(), s_sb);
-    s = at::empty_strided(s_sizes, strides, x.options().dtype(at::kFloat));
-  } else {
-    s_sb = m * groups, s_sm = groups, s_sc = 1;
-    s = at::empty(s_sizes, x.options().dtype(at::kFloat));
-  }
+  auto [q, s, s_sb, s_sm, s_sc] = fp8_quant::quant_outputs(x, width, groups, column_major_scales);
 
   Params p;
   p.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
