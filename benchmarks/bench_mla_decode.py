@@ -86,9 +86,9 @@ def torch_decode(q, cache, scale, table, lens, sm_scale, max_len):
 def run(args):
     torch.manual_seed(0)
     batch, bs = 128, args.block_size
-    s_ks = [4096] if args.quick else [1024, 4096, 8192, 16384]
-    heads_list = [16, 128] if args.quick else [16, 32, 64, 128]
-    s_qs = [1] if args.quick else [1, 2]
+    s_ks = args.s_k or ([4096] if args.quick else [1024, 4096, 8192, 16384])
+    heads_list = args.heads or ([16, 128] if args.quick else [16, 32, 64, 128])
+    s_qs = args.s_q or ([1] if args.quick else [1, 2])
     sm_scale = mla.softmax_scale(192)
     results = []
     for s_k in s_ks:
@@ -126,6 +126,10 @@ def run(args):
 def add_args(parser):
     parser.add_argument("--block-size", type=int, default=64, help="page size of the paged cache")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch version")
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    parser.add_argument("--s-k", type=ints, help="comma-separated cache lengths (overrides the case list)")
+    parser.add_argument("--heads", type=ints, help="comma-separated head counts (overrides the case list)")
+    parser.add_argument("--s-q", type=ints, help="comma-separated query lengths (overrides the case list)")
 
 
 if __name__ == "__main__":
