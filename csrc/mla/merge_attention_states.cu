@@ -18,6 +18,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../common/vec.cuh"
 #include "../ops.h"
 
 namespace dsv2 {
@@ -39,33 +40,6 @@ struct MergeParams {
   int vecs;      // vectors per row (>= 1 so that a D = 0 row still writes its lse)
   int lanes_log2;  // lanes per row = 1 << lanes_log2 (<= 32)
 };
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x) {
-  return static_cast<float>(x);
-}
-template <>
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_f(__half x) {
-  return __half2float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_f(float x) {
-  return __float2half_rn(x);
-}
 
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Vec {
@@ -106,16 +80,16 @@ __global__ void __launch_bounds__(kWarps * 32) merge_kernel(const __grid_constan
     if (use_a) {
       const Vec<T, kVec> x = *reinterpret_cast<const Vec<T, kVec>*>(a + c);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] = to_f(x.v[e]) * wa;
+      for (int e = 0; e < kVec; ++e) acc[e] = to_float(x.v[e]) * wa;
     }
     if (use_b) {
       const Vec<T, kVec> x = *reinterpret_cast<const Vec<T, kVec>*>(b + c);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += to_f(x.v[e]) * wb;
+      for (int e = 0; e < kVec; ++e) acc[e] += to_float(x.v[e]) * wb;
     }
     Vec<T, kVec> y;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) y.v[e] = from_f<T>(acc[e]);
+    for (int e = 0; e < kVec; ++e) y.v[e] = from_float<T>(acc[e]);
     *reinterpret_cast<Vec<T, kVec>*>(o + c) = y;
   }
 }
