@@ -139,18 +139,6 @@ void run_grouped_gemm(const GroupArrays& groups, int num_groups, const at::Tenso
 void run_grouped_gemm_64(const GroupArrays& groups, int num_groups, const at::Tensor& like, cudaStream_t stream,
                          const char* op);
 
-// SMs of `device`, queried once per device (the persistent grids are one CTA per SM).
-inline int sm_count(int device) {
-  static std::atomic<int> counts[64];
-  const bool cached = device >= 0 && device < 64;
-  int v = cached ? counts[device].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    if (cached) counts[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 // ---- host-side checks, worded like dsv2_kernels/fp8.py -----------------------------------------------------------
 inline void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& a) {
   DSV2_CHECK(t.device() == a.device(), op, arg, "must be on the same device as 'a' (", a.device(),
@@ -204,7 +192,6 @@ inline int64_t check_gemm_operands(const char* op, const at::Tensor& a, const at
   return n;
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Activation scales [..., M, KB] in the layout the kernels read: column-major per matrix (stride 1 along M) with a
 // K-block stride `ld` that is a multiple of 4 floats and a 16-byte aligned base, so the dense kernel can load them

@@ -216,8 +216,6 @@ void launch_group_quant(int64_t group_size, unsigned blocks, cudaStream_t stream
     group_quant_kernel<T, 64, kSilu><<<blocks, kThreads, 0, stream>>>(p);
 }
 
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Checks (same wording as dsv2_kernels/fp8.py), outputs laid out exactly as the fake impl, and the launch.
 // kSilu: x is [.., M, 2N] (gate | up) and the output is [.., M, N].
 // The outputs of a per-token-group quantization of x [(B,) M, *] into `groups` groups of `width` values per row,

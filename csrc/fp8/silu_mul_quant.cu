@@ -239,8 +239,8 @@ inline const DeviceInfo& device_info(int device) {
   static DeviceInfo cached[64];
   DeviceInfo& d = cached[device];
   if (d.sms == 0) {
-    int sms = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = sm_count(device);
+    int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     d.fits = optin >= static_cast<int>(kSmemBytes);
     if (d.fits)
@@ -276,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_cuda(const at::Tensor& x, int6
   const bool use_lut = m < std::numeric_limits<int32_t>::max() - 64 && width <= std::numeric_limits<int32_t>::max() &&
                        units <= std::numeric_limits<int32_t>::max() - fp8_quant::kThreads &&
                        items <= std::numeric_limits<int32_t>::max() - 2 * kThreads &&
-                       fp8_quant::aligned16(x.data_ptr()) && x_sb % 8 == 0 && x_sm % 8 == 0 && dev.fits &&
+                       aligned16(x.data_ptr()) && x_sb % 8 == 0 && x_sm % 8 == 0 && dev.fits &&
                        items >= static_cast<int64_t>(dev.sms) * kWarps * kTeams * 4;
   if (!use_lut) return fp8_quant::group_quant<true>("silu_mul_quant", x, group_size, column_major_scales);
 

@@ -309,17 +309,6 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
   }
 }
 
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cached[device] = n;
-  }
-  return cached[device];
-}
-
 template <typename W, bool kFp8, bool kNormed>
 void launch_kernel(const Params& p, int device, cudaStream_t stream) {
   const auto kernel = compress_kv_kernel<W, kFp8, kNormed>;
@@ -357,8 +346,6 @@ void launch(const Params& p, bool fp8, int device, cudaStream_t stream) {
   else
     normed ? launch_kernel<W, false, true>(p, device, stream) : launch_kernel<W, false, false>(p, device, stream);
 }
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 void check_index_tensor(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref, int64_t n) {
   check_same_device(op, arg, t, ref);

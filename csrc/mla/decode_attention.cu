@@ -343,17 +343,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   cp_async_wait<0>();
 }
 
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cached[device] = n;
-  }
-  return cached[device];
-}
-
 template <bool kFp8>
 void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;

@@ -80,8 +80,6 @@ __global__ void __launch_bounds__(kThreads) rope_q_kernel(const __grid_constant_
   reinterpret_cast<uint4*>(p.out)[g] = o;
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 }  // namespace
 
 at::Tensor rope_q_cuda(const at::Tensor& q_in, const at::Tensor& positions, const at::Tensor& cos_sin_cache) {

@@ -97,8 +97,6 @@ __global__ void __launch_bounds__(kMaxThreads) combine_kernel(const __grid_const
   }
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 }  // namespace
 
 at::Tensor combine_cuda(const at::Tensor& expert_out_in, const at::Tensor& token_row, const at::Tensor& topk_weights,
