@@ -4,6 +4,10 @@
   overhead on the host is not counted (the runner replays CUDA graphs, where it does not exist either). Inputs are rotated over enough copies that their
   total size exceeds several times the L2 (the H200 has 60 MB), so each call reads from HBM as in a real model
   rather than from a warm cache.
+* ``--back-to-back N`` times groups of N consecutive calls (rotated inputs) between one event pair instead, and
+  reports each group's mean per call: the throughput of a kernel inside a stream of kernels (a CUDA graph), where its
+  launch and ramp overlap the previous kernel's tail. Kernels of a few µs read very differently in the two modes
+  (RESULTS.md names the mode of every table).
 * Report: time, TFLOP/s, GB/s and % of the ceilings measured on the H200, with a peer (torch, or another library)
   timed in the same run; printed as a Markdown table and written as pytest-benchmark-format JSON, so
   ``pytest-benchmark compare`` can read our runs beside others.
@@ -32,6 +36,7 @@ CEILINGS = {
     "fp8_grouped": 606e12,  # torch._scaled_grouped_mm, row-wise, V2-Lite expert shapes
 }
 L2_BYTES = 60 * 2**20
+BACK_TO_BACK = 0  # set by cli(): calls per timed group (0: each call alone)
 
 
 @dataclasses.dataclass
@@ -89,16 +94,17 @@ def time_cuda(
     torch.cuda.synchronize()
     # Park the GPU on a spin kernel while the host enqueues every timed call, so each event pair measures GPU time
     # only: without it, small kernels would be timed at the speed of the Python launch path.
-    torch.cuda._sleep(int(min(cpu_per_call * iters * 1.5, 2.0) * 2.0e9))
+    torch.cuda._sleep(int(min(cpu_per_call * iters * max(BACK_TO_BACK, 1) * 1.5, 2.0) * 2.0e9))
+    group = max(BACK_TO_BACK, 1)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
-        inp = copies[i % len(copies)]
         starts[i].record()
-        fn(inp)
+        for j in range(group):
+            fn(copies[(i * group + j) % len(copies)])
         ends[i].record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) * 1e3 / group for s, e in zip(starts, ends)]
 
 
 def markdown(results: Sequence[Result], title: str) -> str:
@@ -174,9 +180,15 @@ def cli(title: str, group: str, run: Callable[[argparse.Namespace], list[Result]
     parser.add_argument("--json", help="write pytest-benchmark-format JSON here")
     parser.add_argument("--md", help="append the Markdown table to this file")
     parser.add_argument("--quick", action="store_true", help="fewer cases and iterations")
+    parser.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                        help="time groups of N consecutive calls (stream throughput) instead of each call alone")
     if add_args:
         add_args(parser)
     args = parser.parse_args()
+    global BACK_TO_BACK
+    BACK_TO_BACK = args.back_to_back
+    if BACK_TO_BACK > 1:
+        title += f" (back-to-back groups of {BACK_TO_BACK} calls)"
     if not torch.cuda.is_available():
         raise SystemExit(f"{title}: needs a CUDA GPU")
     import dsv2_kernels
