@@ -1,17 +1,24 @@
 // MLA prefill attention (varlen flash attention, qk dim 192, v dim 128, bf16) for sm_90a, and its C++ entry.
 //
-// Grid: (query blocks of 128 rows, heads, sequences). A CTA owns 128 query rows of one (sequence, head) and walks
-// the 128-key tiles its rows may see. Blocks are taken last-first (blockIdx.x = 0 is a sequence's last query block),
-// so under a causal mask the longest CTAs start first and the short ones fill the tail; x varies fastest, so the CTAs
-// running together mostly share one head's K/V in L2. A CTA past its sequence's end exits at once (the grid is sized
-// from max_seqlen_q: no host sync).
+// Work items: (sequence, head, block of 128 query rows); an item walks the 128-key tiles its rows may see. The grid is
+// persistent (one CTA per SM): a CTA takes its first item by blockIdx.x and each further one from an atomic counter
+// (zeroed by a memset node before the launch: no host sync, CUDA-graph safe), so an SM that finishes a short item
+// starts the next at once instead of waiting for a new CTA, and no CTA is spent on the empty blocks of shorter
+// sequences. Items are numbered sequence by sequence, head by head, and within a head last block first, so the
+// longest (causal) items of a head start first and the CTAs running together mostly share a few heads' K/V in L2.
+// The producer keeps loading across items (the K/V stages and their barrier phases run on a CTA-wide tile counter)
+// and loads the next item's Q under the current item's last tile and epilogue, so per-item prologue/epilogue costs
+// (Q load, the first tile's latency, output and LSE stores) mostly overlap the neighbouring items' work.
 //
 // Warp roles (384 threads, warp-specialized, 1 CTA per SM):
-//   * warpgroup 2, the producer (40 registers after setmaxnreg): 16-byte cp.async of Q (once), then of each K tile
-//     (128 x 192) and V tile (128 x 128) into 128-byte-swizzled shared tiles, two stages of each. Rows past the
-//     sequence are zero-filled, never read. Each thread's completion arrives on the stage's "full" mbarrier
-//     (cp.async.mbarrier.arrive.noinc); the producer reuses a stage once both consumers arrived on its "empty" one.
-//   * warpgroups 0 and 1, the consumers (232 registers): 64 query rows each. Per KV tile j:
+//   * warpgroup 2, the producer (56 registers after setmaxnreg): its thread 0 fetches the next work item and
+//     publishes it in a two-slot ring in shared memory (item full/empty mbarriers; every warp reads each item).
+//     16-byte cp.async of Q (per item, in two 64-row halves, each reloaded once its consumer warpgroup's last Q K^T
+//     of the previous item landed), then of each K tile (128 x 192) and V tile (128 x 128) into 128-byte-swizzled
+//     shared tiles, two stages of each. Rows past the sequence are zero-filled, never read. Each thread's completion
+//     arrives on the stage's "full" mbarrier (cp.async.mbarrier.arrive.noinc); the producer reuses a stage once both
+//     consumers arrived on its "empty" one.
+//   * warpgroups 0 and 1, the consumers (224 registers): 64 query rows each. Per KV tile j:
 //       S_j = Q K_j^T         12 wgmma m64n128k16, both operands from shared memory (K-major);
 //       O  += P_{j-1} V_{j-1}  8 wgmma m64n128k16, P from registers (bf16, the accumulator layout of S is the
 //                              register-A fragment layout), V read MN-major (trans-b) from shared memory;
@@ -24,14 +31,18 @@
 //     proxy (cp.async) and wgmma reads them through the async proxy.
 // Rows that see no key (lq > lk, or lk = 0) get out 0 and lse +inf, as the reference.
 // Shared memory: Q 48 KB + 2 x K 48 KB + 2 x V 32 KB = 208 KB (+ mbarriers, + 1 KB alignment slack).
-// Registers: O 64 + S 64 + P 32 per consumer thread; the consumer code uses 196 of its 232, the producer fits in
-// 40, no spills (ptxas -v reports the launch's 168). 214,080 bytes of dynamic shared memory per CTA.
+// Registers: O 64 + S 64 + P 32 per consumer thread; the consumer code uses 204 of its 224, the producer 54 of its
+// 56 (the item cursor costs more than 40), no spills (ptxas -v reports the launch's 168). 214,176 bytes of dynamic
+// shared memory per CTA.
 //
 // Expected performance (written before the first GPU run): per CTA tile (128 rows x 128 keys) the tensor cores need
 // 2 x 20 wgmma m64n128k16 = 2,560 cycles at peak; softmax costs ~600-900 issue cycles per warpgroup and overlaps the
 // other warpgroup's GEMMs. Expected 450-530 TFLOP/s (60-70% of the 744 TFLOP/s bf16 GEMM ceiling) at H = 128 and a
 // causal total length >= 4096 in one sequence; ragged batches of shorter sequences 400-470 (more diagonal tiles, more
 // pipeline fills); H = 16 at 4096 tokens ~350-420 (only 512 CTAs: 3.9 waves with causal imbalance).
+// Measured: 557 TFLOP/s on one 8192-token sequence, 356 on the ragged 8 x ~1k batch: each of its 8,832 CTAs (plus
+// 4,480 that exited at once) paid ~3 us of unhidden prologue/epilogue on ~5 tiles of work. Expected with the
+// persistent work list (before its first GPU run): ragged 8192 ~440-460, one 8192 sequence ~570-590.
 
 #include "../common/torch_cuda.h"
 
@@ -53,7 +64,7 @@ constexpr int kVDim = 128;     // v head dim
 constexpr int kBlockM = 128;   // query rows per CTA (2 consumer warpgroups x 64)
 constexpr int kBlockN = 128;   // keys per tile
 constexpr int kThreads = 384;  // consumers: threads 0-255, producer: 256-383
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 = 384 x 168 (the launch's budget)
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 x 56 + 256 x 224 = 384 x 168 (the launch's budget)
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register reallocation exceeds the budget");
 
 // A 128-row x 64-column bf16 block: row r at r * 128 bytes, its 16-byte chunk c at chunk c ^ (r % 8).
@@ -61,13 +72,18 @@ constexpr int kColBlock = 128 * 128;
 constexpr int kQBytes = 3 * kColBlock, kKBytes = 3 * kColBlock, kVBytes = 2 * kColBlock;
 struct Smem {
   static constexpr int kQ = 0, kK = kQBytes, kV = kK + 2 * kKBytes, kBar = kV + 2 * kVBytes;
-  static constexpr int kBytes = kBar + 8 * 8;  // full_K[2], full_V[2], empty_K[2], empty_V[2]
+  // mbarriers: full_K[2], full_V[2], empty_K[2], empty_V[2], Q empty[2], Q full[2] (one per consumer warpgroup's
+  // 64 rows), item full[2], item empty[2]; then two 16-byte work-item slots.
+  static constexpr int kItem = kBar + 128;
+  static constexpr int kBytes = kItem + 2 * 16;
 };
 constexpr int kSmemSlack = 1024;
 static_assert(Smem::kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 static_assert(Smem::kK % 1024 == 0 && Smem::kV % 1024 == 0, "swizzled tiles must be 1024-byte aligned");
 constexpr uint32_t kFullCount = 128;  // producer threads (one cp.async-completion arrival each)
 constexpr uint32_t kEmptyCount = 8;   // consumer warps (one arrival each)
+constexpr uint32_t kQEmptyCount = 4;  // the warps of the consumer warpgroup that reads those Q rows
+constexpr uint32_t kItemReaders = 12;  // every warp reads each work item (one arrival per warp)
 
 struct PrefillParams {
   const __nv_bfloat16* q;  // token t, head h at q + t * q_s0 + h * q_s1 (192 contiguous values)
@@ -78,7 +94,8 @@ struct PrefillParams {
   const int* cu_k;
   __nv_bfloat16* out;  // [tq, heads, 128] contiguous
   float* lse;          // [heads, tq] contiguous
-  int tq, tk, heads;
+  unsigned* next_item;  // zeroed before the launch: items taken past the first gridDim.x
+  int tq, tk, heads, batch;
   int causal;
   float scale_log2;  // softmax_scale * log2(e)
 };
@@ -96,14 +113,14 @@ __device__ __forceinline__ void seq_range(const int* cu, int b, int total, int& 
 
 // Rows [first, first + 128) of one head (row r at src + r * stride, kBlocks * 64 contiguous values) into the swizzled
 // tile at dst; rows >= valid are zero-filled. 8 threads per row (one 128-byte segment per instruction and row, 16
-// rows per pass); t = producer thread 0..127.
-template <int kBlocks>
+// rows per pass); t = producer thread 0..127. Passes [kPass0, kPass0 + kPasses) only: passes 0-3 are rows 0-63.
+template <int kBlocks, int kPass0 = 0, int kPasses = 8>
 __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int first,
                                           int valid, int t) {
   const int sub = t & 7, r0 = t >> 3;
   const uint32_t d0 = dst + r0 * 128 + ((sub ^ (r0 & 7)) << 4);  // r % 8 == r0 % 8 for every pass
 #pragma unroll
-  for (int pass = 0; pass < 8; ++pass) {
+  for (int pass = kPass0; pass < kPass0 + kPasses; ++pass) {
     const int r = r0 + 16 * pass, row = first + r;
     const bool ok = row < valid;
     const __nv_bfloat16* s = src + (ok ? static_cast<int64_t>(row) * stride : 0) + sub * 8;
@@ -118,28 +135,17 @@ template <bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ PrefillParams p) {
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
-  const int h = blockIdx.y, b = blockIdx.z;
-
-  int q0, lq, k0, lk;
-  seq_range(p.cu_q, b, p.tq, q0, lq);
-  seq_range(p.cu_k, b, p.tk, k0, lk);
-  const int m_blocks = ceil_div(lq, kBlockM);
-  if (static_cast<int>(blockIdx.x) >= m_blocks) return;  // uniform over the CTA, before any barrier
-  const int row0 = (m_blocks - 1 - static_cast<int>(blockIdx.x)) * kBlockM;
-  const int row_end = min(lq, row0 + kBlockM);
-
-  // Query i sees keys j < lim(i) = causal ? min(lk, lk - lq + i + 1) : lk. The block's last row sees the most keys;
-  // tiles from mask_from on hold a key that some row of the block (its first row sees the fewest) may not see.
-  const int key_end = p.causal ? min(lk, lk - lq + row_end) : lk;
-  const int n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
-  const int first_lim = p.causal ? min(lk, lk - lq + row0 + 1) : lk;
-  const int mask_from = max(first_lim, 0) / kBlockN;
 
   const uint32_t bar = base + Smem::kBar;
   const auto full_k = [&](int s) { return bar + 8 * s; };
   const auto full_v = [&](int s) { return bar + 16 + 8 * s; };
   const auto empty_k = [&](int s) { return bar + 32 + 8 * s; };
   const auto empty_v = [&](int s) { return bar + 48 + 8 * s; };
+  const auto q_empty = [&](int w) { return bar + 64 + 8 * w; };
+  const auto q_full = [&](int w) { return bar + 80 + 8 * w; };
+  const auto item_full = [&](int s) { return bar + 96 + 8 * s; };
+  const auto item_empty = [&](int s) { return bar + 112 + 8 * s; };
+  const auto item_slot = [&](int s) { return base + Smem::kItem + 16 * s; };
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
@@ -147,30 +153,105 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
       mbar_init(full_v(s), kFullCount);
       mbar_init(empty_k(s), kEmptyCount);
       mbar_init(empty_v(s), kEmptyCount);
+      mbar_init(q_empty(s), kQEmptyCount);
+      mbar_init(q_full(s), kFullCount);
+      mbar_init(item_full(s), 1);
+      mbar_init(item_empty(s), kItemReaders);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async arrivals too
   }
   __syncthreads();  // the last CTA-wide barrier: the roles below synchronize through mbarriers only
 
-  const int wg = threadIdx.x >> 7;
+  const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31;
+  // The it-th work item of this CTA, as published by the producer's thread 0: every thread waits for the slot, reads
+  // it, and its warp hands the slot back (the producer refills it two items later).
+  const auto take_item = [&](int it) {
+    const int slot = it & 1;
+    mbar_wait(item_full(slot), (it >> 1) & 1);
+    int4 item;
+    asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(item.x), "=r"(item.y), "=r"(item.z), "=r"(item.w)
+                 : "r"(item_slot(slot))
+                 : "memory");
+    __syncwarp();
+    if (lane == 0) mbar_arrive(item_empty(slot));
+    return item;
+  };
+
   if (wg == 2) {
     // ---------------------------------------------- producer ------------------------------------------------------
     setmaxnreg_dec<kProducerRegs>();
-    if (n_tiles == 0) return;
     const int t = threadIdx.x - 256;
-    const __nv_bfloat16* qb = p.q + static_cast<int64_t>(q0) * p.q_s0 + static_cast<int64_t>(h) * p.q_s1;
-    const __nv_bfloat16* kb = p.k + static_cast<int64_t>(k0) * p.k_s0 + static_cast<int64_t>(h) * p.k_s1;
-    const __nv_bfloat16* vb = p.v + static_cast<int64_t>(k0) * p.v_s0 + static_cast<int64_t>(h) * p.v_s1;
-    load_tile<3>(base + Smem::kQ, qb, p.q_s0, row0, lq, t);  // Q lands with K_0: covered by full_k(0)
-    for (int j = 0; j < n_tiles; ++j) {
-      const int st = j & 1;
-      const uint32_t released = ((j >> 1) - 1) & 1;  // parity of the release of tile j - 2 (same stage)
-      if (j >= 2) mbar_wait(empty_k(st), released);
-      load_tile<3>(base + Smem::kK + st * kKBytes, kb, p.k_s0, j * kBlockN, lk, t);
-      cp_async_mbar_arrive(full_k(st));
-      if (j >= 2) mbar_wait(empty_v(st), released);
-      load_tile<2>(base + Smem::kV + st * kVBytes, vb, p.v_s0, j * kBlockN, lk, t);
-      cp_async_mbar_arrive(full_v(st));
+    // Thread 0's cursor into the work list: items [cbase, cbase + heads * m_blocks(cb)) belong to sequence cb. Each
+    // CTA's item indices only grow, so the cursor only moves forward (O(batch) reads of cu_seqlens_q per CTA).
+    int cb = 0, cm = -1;
+    int64_t cbase = 0;
+    uint32_t g = 0;  // key tiles loaded so far (all items): stage g & 1, use g >> 1 of that stage
+    int qn = 0;      // Q loads so far
+    for (int it = 0;; ++it) {
+      if (t == 0) {
+        const int64_t w = it == 0 ? static_cast<int64_t>(blockIdx.x)
+                                  : static_cast<int64_t>(gridDim.x) + atomicAdd(p.next_item, 1u);
+        int4 item = make_int4(-1, 0, 0, 0);
+        while (cb < p.batch) {
+          if (cm < 0) {
+            int s0, len;
+            seq_range(p.cu_q, cb, p.tq, s0, len);
+            cm = ceil_div(len, kBlockM);
+          }
+          const int64_t n = static_cast<int64_t>(cm) * p.heads;
+          if (w < cbase + n) {
+            const int r = static_cast<int>(w - cbase);
+            // (head, block from the end): a head's blocks are consecutive, longest (last rows) first.
+            item = make_int4(cb, r / cm, (cm - 1 - r % cm) * kBlockM, 0);
+            break;
+          }
+          cbase += n;
+          ++cb;
+          cm = -1;
+        }
+        if (it >= 2) mbar_wait(item_empty(it & 1), ((it >> 1) - 1) & 1);
+        asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"r"(item_slot(it & 1)), "r"(item.x),
+                     "r"(item.y), "r"(item.z), "r"(item.w)
+                     : "memory");
+        mbar_arrive(item_full(it & 1));
+      }
+      const int4 item = take_item(it);
+      if (item.x < 0) break;
+      const int b = item.x, h = item.y, row0 = item.z;
+      int q0, lq, k0, lk;
+      seq_range(p.cu_q, b, p.tq, q0, lq);
+      seq_range(p.cu_k, b, p.tk, k0, lk);
+      const int key_end = p.causal ? min(lk, lk - lq + min(lq, row0 + kBlockM)) : lk;
+      const int n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+      if (n_tiles == 0) continue;  // rows that see no key: the consumers write them without Q or K
+
+      const __nv_bfloat16* qb = p.q + static_cast<int64_t>(q0) * p.q_s0 + static_cast<int64_t>(h) * p.q_s1;
+      const __nv_bfloat16* kb = p.k + static_cast<int64_t>(k0) * p.k_s0 + static_cast<int64_t>(h) * p.k_s1;
+      const __nv_bfloat16* vb = p.v + static_cast<int64_t>(k0) * p.v_s0 + static_cast<int64_t>(h) * p.v_s1;
+      // Q is single-buffered, in two halves of 64 rows, one per consumer warpgroup: a half is overwritten once its
+      // warpgroup's last Q K^T of the previous item landed, so the load runs under that warpgroup's last softmax,
+      // last P V and epilogue. Order: Q rows 0-63, K_0, Q rows 64-127 (warpgroup 1 runs half a step behind), V_0.
+      const uint32_t q_released = (qn - 1) & 1;
+      if (qn > 0) mbar_wait(q_empty(0), q_released);
+      load_tile<3, 0, 4>(base + Smem::kQ, qb, p.q_s0, row0, lq, t);
+      cp_async_mbar_arrive(q_full(0));
+      for (int j = 0; j < n_tiles; ++j, ++g) {
+        const int st = g & 1;
+        const uint32_t released = ((g >> 1) - 1) & 1;  // parity of the release of tile g - 2 (same stage)
+        if (g >= 2) mbar_wait(empty_k(st), released);
+        load_tile<3>(base + Smem::kK + st * kKBytes, kb, p.k_s0, j * kBlockN, lk, t);
+        cp_async_mbar_arrive(full_k(st));
+        if (j == 0) {
+          if (qn > 0) mbar_wait(q_empty(1), q_released);
+          load_tile<3, 4, 4>(base + Smem::kQ, qb, p.q_s0, row0, lq, t);
+          cp_async_mbar_arrive(q_full(1));
+          ++qn;
+        }
+        if (g >= 2) mbar_wait(empty_v(st), released);
+        load_tile<2>(base + Smem::kV + st * kVBytes, vb, p.v_s0, j * kBlockN, lk, t);
+        cp_async_mbar_arrive(full_v(st));
+      }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
@@ -178,22 +259,20 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
 
   // ------------------------------------------------ consumers -------------------------------------------------------
   setmaxnreg_inc<kConsumerRegs>();
-  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
-  const int i_lo = row0 + wg * 64 + warp * 16 + (lane >> 2), i_hi = i_lo + 8;  // rows in the sequence
-  const int lim_lo = p.causal ? min(lk, lk - lq + i_lo + 1) : lk;
-  const int lim_hi = p.causal ? min(lk, lk - lq + i_hi + 1) : lk;
+  const int warp = (threadIdx.x >> 5) & 3, quad = lane & 3;
   const float scale_log2 = p.scale_log2;
   const uint32_t q_smem = base + Smem::kQ + wg * 64 * 128;  // this warpgroup's 64 rows of each column block
 
   float o[64], s[64];
   uint32_t pa[8][4];  // P_{j-1} as bf16 register-A fragments, one per 16-key step
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
 #pragma unroll
     for (int u = 0; u < 4; ++u) pa[kk][u] = 0u;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  float m_lo, m_hi, l_lo, l_hi;
+  int lim_lo, lim_hi, mask_from;
 
   // O += P V_tile: 16 keys per step are two 8-row groups (2 KB); V's 128 columns are two column blocks 16 KB apart.
   const auto pv_gemm = [&](uint32_t vt) {
@@ -272,84 +351,122 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     if (lane == 0) mbar_arrive(empty_bar);
   };
 
-  // Pipeline (tile j of n): [S_j = Q K_j^T, O += P_{j-1} V_{j-1}] issued together, softmax of S_j under the P V.
-  // Tile 0 is peeled off so that every wgmma batch in the loop is straight-line code (no wgmma under a branch).
-  // Ping-pong: warpgroup w issues its batch after bar.sync(1 + w) and then lets the other one go with
-  // bar.arrive(2 - w); warpgroup 1 opens with one arrive and skips its last, so every sync has exactly one arrive.
-  if (n_tiles > 0) {
-    if (kPingPong && wg == 1) named_bar_arrive<256>(1);  // warpgroup 0 issues first
-    // ---- tile 0 ----
-    mbar_wait(full_k(0), 0);  // also covers Q
-    fence_proxy_async();      // the tiles were written through the generic proxy (cp.async); wgmma reads via async
-    if (kPingPong) named_bar_sync<256>(1 + wg);
-    fence_regs(s);
-    wgmma_fence();
-    qk_gemm(0);
-    wgmma_commit();
-    if (kPingPong && !(wg == 1 && n_tiles == 1)) named_bar_arrive<256>(2 - wg);
-    wgmma_wait<0>();
-    fence_regs(s);
-    release(empty_k(0));
-    softmax(0);
-    rescale_and_pack();
-    // ---- tiles 1 .. n-1 ----
-    for (int j = 1; j < n_tiles; ++j) {
-      const int st = j & 1;
-      mbar_wait(full_k(st), (j >> 1) & 1);
-      mbar_wait(full_v(st ^ 1), ((j - 1) >> 1) & 1);
-      fence_proxy_async();
+  // Ping-pong: warpgroup w issues each GEMM batch after bar.sync(1 + w) and then lets the other one go with
+  // bar.arrive(2 - w). Both warpgroups issue the same batches (they share every item), so the turns continue across
+  // items; warpgroup 1 opens with one arrive, and warpgroup 0 takes that last arrive back with a final sync.
+  if (kPingPong && wg == 1) named_bar_arrive<256>(1);  // warpgroup 0 issues first
+  uint32_t g = 0;  // key tiles consumed so far (all items), as the producer counts them
+  uint32_t qn = 0;  // Q loads consumed so far
+  for (int it = 0;; ++it) {
+    const int4 item = take_item(it);
+    if (item.x < 0) break;
+    const int b = item.x, h = item.y, row0 = item.z;
+    int q0, lq, k0, lk;
+    seq_range(p.cu_q, b, p.tq, q0, lq);
+    seq_range(p.cu_k, b, p.tk, k0, lk);
+
+    // Query i sees keys j < lim(i) = causal ? min(lk, lk - lq + i + 1) : lk. The block's last row sees the most
+    // keys; tiles from mask_from on hold a key that some row of the block (its first row sees the fewest) may not see.
+    const int key_end = p.causal ? min(lk, lk - lq + min(lq, row0 + kBlockM)) : lk;
+    const int n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+    const int first_lim = p.causal ? min(lk, lk - lq + row0 + 1) : lk;
+    mask_from = max(first_lim, 0) / kBlockN;
+    const int i_lo = row0 + wg * 64 + warp * 16 + (lane >> 2), i_hi = i_lo + 8;  // rows in the sequence
+    lim_lo = p.causal ? min(lk, lk - lq + i_lo + 1) : lk;
+    lim_hi = p.causal ? min(lk, lk - lq + i_hi + 1) : lk;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    m_lo = m_hi = -INFINITY;
+    l_lo = l_hi = 0.f;
+
+    // Pipeline (tile j of n): [S_j = Q K_j^T, O += P_{j-1} V_{j-1}] issued together, softmax of S_j under the P V.
+    // Tile 0 is peeled off so that every wgmma batch in the loop is straight-line code (no wgmma under a branch).
+    // The last Q K^T of the item hands this warpgroup's Q rows back to the producer (q_empty), which loads the next
+    // item's rows meanwhile.
+    if (n_tiles > 0) {
+      // ---- tile 0 ----
+      const int st0 = g & 1;
+      mbar_wait(q_full(wg), qn & 1);
+      ++qn;
+      mbar_wait(full_k(st0), (g >> 1) & 1);
+      fence_proxy_async();  // the tiles were written through the generic proxy (cp.async); wgmma reads via async
       if (kPingPong) named_bar_sync<256>(1 + wg);
       fence_regs(s);
+      wgmma_fence();
+      qk_gemm(st0);
+      wgmma_commit();
+      if (kPingPong) named_bar_arrive<256>(2 - wg);
+      wgmma_wait<0>();
+      fence_regs(s);
+      release(empty_k(st0));
+      if (n_tiles == 1) release(q_empty(wg));
+      softmax(0);
+      rescale_and_pack();
+      // ---- tiles 1 .. n-1 ----
+      for (int j = 1; j < n_tiles; ++j) {
+        const uint32_t gj = g + j;
+        const int st = gj & 1;
+        mbar_wait(full_k(st), (gj >> 1) & 1);
+        mbar_wait(full_v(st ^ 1), ((gj - 1) >> 1) & 1);
+        fence_proxy_async();
+        if (kPingPong) named_bar_sync<256>(1 + wg);
+        fence_regs(s);
+        fence_regs(o);
+        fence_p();
+        wgmma_fence();
+        qk_gemm(st);
+        wgmma_commit();
+        pv_gemm(base + Smem::kV + (st ^ 1) * kVBytes);
+        wgmma_commit();
+        if (kPingPong) named_bar_arrive<256>(2 - wg);  // the other's turn
+        wgmma_wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
+        fence_regs(s);
+        release(empty_k(st));
+        if (j == n_tiles - 1) release(q_empty(wg));
+        softmax(j);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_p();
+        release(empty_v(st ^ 1));
+        rescale_and_pack();
+      }
+      // ---- the last tile's P V ----
+      const uint32_t gl = g + n_tiles - 1;
+      mbar_wait(full_v(gl & 1), (gl >> 1) & 1);
+      fence_proxy_async();
       fence_regs(o);
       fence_p();
       wgmma_fence();
-      qk_gemm(st);
+      pv_gemm(base + Smem::kV + (gl & 1) * kVBytes);
       wgmma_commit();
-      pv_gemm(base + Smem::kV + (st ^ 1) * kVBytes);
-      wgmma_commit();
-      if (kPingPong && !(wg == 1 && j == n_tiles - 1)) named_bar_arrive<256>(2 - wg);  // the other's turn
-      wgmma_wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
-      fence_regs(s);
-      release(empty_k(st));
-      softmax(j);
       wgmma_wait<0>();
       fence_regs(o);
-      fence_p();
-      release(empty_v(st ^ 1));
-      rescale_and_pack();
+      release(empty_v(gl & 1));
+      g += n_tiles;
     }
-    // ---- the last tile's P V ----
-    const int jl = n_tiles - 1;
-    mbar_wait(full_v(jl & 1), (jl >> 1) & 1);
-    fence_proxy_async();
-    fence_regs(o);
-    fence_p();
-    wgmma_fence();
-    pv_gemm(base + Smem::kV + (jl & 1) * kVBytes);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o);
-  }
 
-  // ---- epilogue: out = O / l (bf16), lse = ln(l) + m ln 2; a row that saw no key gets 0 and +inf ----
+    // ---- epilogue: out = O / l (bf16), lse = ln(l) + m ln 2; a row that saw no key gets 0 and +inf ----
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    for (int off = 1; off < 4; off <<= 1) {
+      l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+      l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    }
+#pragma unroll
+    for (int hs = 0; hs < 2; ++hs) {
+      const int i = hs ? i_hi : i_lo;
+      if (i >= lq) continue;
+      const float l = hs ? l_hi : l_lo, m = hs ? m_hi : m_lo;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      __nv_bfloat16* dst = p.out + (static_cast<int64_t>(q0 + i) * p.heads + h) * kVDim + 2 * quad;
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj)
+        *reinterpret_cast<uint32_t*>(dst + 8 * jj) =
+            pack_bf16x2(o[4 * jj + 2 * hs] * inv, o[4 * jj + 2 * hs + 1] * inv);
+      if (quad == 0)
+        p.lse[static_cast<int64_t>(h) * p.tq + q0 + i] = l > 0.f ? m * 0.69314718055994531f + logf(l) : INFINITY;
+    }
   }
-#pragma unroll
-  for (int hs = 0; hs < 2; ++hs) {
-    const int i = hs ? i_hi : i_lo;
-    if (i >= lq) continue;
-    const float l = hs ? l_hi : l_lo, m = hs ? m_hi : m_lo;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    __nv_bfloat16* dst = p.out + (static_cast<int64_t>(q0 + i) * p.heads + h) * kVDim + 2 * quad;
-#pragma unroll
-    for (int jj = 0; jj < 16; ++jj)
-      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack_bf16x2(o[4 * jj + 2 * hs] * inv, o[4 * jj + 2 * hs + 1] * inv);
-    if (quad == 0)
-      p.lse[static_cast<int64_t>(h) * p.tq + q0 + i] = l > 0.f ? m * 0.69314718055994531f + logf(l) : INFINITY;
-  }
+  if (kPingPong && wg == 0) named_bar_sync<256>(1);  // warpgroup 1's last arrive
 }
 
 template <bool kPingPong>
@@ -465,9 +582,17 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention_cuda(const at::Tensor& q_in
   p.heads = static_cast<int>(heads);
   p.causal = causal ? 1 : 0;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.batch = static_cast<int>(batch);
 
-  const dim3 grid(static_cast<unsigned>((max_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(heads),
-                  static_cast<unsigned>(batch));
+  // Persistent grid: one CTA per SM (at most one per work item, by max_seqlen_q's count), taking items from a counter
+  // in global memory that a memset node zeroes first (stream-ordered and CUDA-graph safe, no host sync). The item
+  // count itself is never needed on the host: the kernel walks cu_seqlens_q to find the end.
+  const int64_t max_items = heads * batch * ((max_q + kBlockM - 1) / kBlockM);
+  const int64_t ctas = std::min<int64_t>(sm_count(q_in.get_device()), max_items);
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ctas)));
+  auto next_item = at::empty({1}, q_in.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(next_item.data_ptr(), 0, sizeof(int), stream));
+  p.next_item = reinterpret_cast<unsigned*>(next_item.data_ptr<int>());
   if (pingpong_enabled()) launch_prefill<true>(p, grid, stream);
   else launch_prefill<false>(p, grid, stream);
   return {out, lse};
