@@ -8,8 +8,8 @@ Bytes counted: the input read once, q (1 byte per element) and the fp32 scales w
 cost of its strided scale writes.
 
 Prediction (H200, copy ceiling 4.2 TB/s): both kernels are pure streams with ~15 (quant) / ~35 (silu_mul_quant) SASS
-instructions per output element, under the ~30 / ~50 the issue rate allows at 80% of the ceiling (silu_mul_quant,
-with its exact expf and IEEE division, at ~70% of issue is the tighter one), so they should run at the read-heavy
+instructions per output element, under the ~30 / ~50 the issue rate allows at 80% of the ceiling (silu_mul_quant
+uses the hardware exp2 / reciprocal, ~16 per element), so they should run at the read-heavy
 stream rate, 3.4-3.7 TB/s (80-88%), from M=4096 on: quant K=7168 M=8192 (178 MB) in
 ~50 us, silu_mul_quant N=1408 M=8192 (58 MB) in ~17 us. At M=128 (1 MB or less) the launch and one DRAM round trip
 dominate: ~3-5 us, 5-20% of the ceiling. torch eager makes ~8 passes over fp32 copies of the data (float, abs,
