@@ -624,7 +624,10 @@ def _assert_dispatch_equal(got, want, quant_fp8, what):
         assert torch.equal(sg[used], sw[used]), f"{what}: scales"
 
 
-GPU_ROUTINGS = ROUTINGS + [("random", 2048, 6, 160), ("one_expert", 1000, 6, 64), ("not_routed", 333, 8, 256)]
+# Above 4096 copies the single cooperative kernel: 8192 tokens give each CTA more row tiles than pipeline stages (the
+# ring refills), 1500 x 8 has skipped slots there.
+GPU_ROUTINGS = ROUTINGS + [("random", 2048, 6, 160), ("one_expert", 1000, 6, 64), ("not_routed", 333, 8, 256),
+                           ("random", 8192, 6, 64), ("not_routed", 1500, 8, 256)]
 
 
 @pytest.mark.gpu
@@ -717,8 +720,8 @@ def test_kernel_decode_layer_cuda_graph():
 @requires_cuda_kernel("dispatch_contiguous")
 @requires_cuda_kernel("dispatch_masked")
 def test_kernel_dispatch_large_cuda_graph():
-    """Above 4096 copies the dispatch is three kernels (count, rank, copy; programmatically dependent when run
-    eagerly, ordinarily dependent under capture): both launch paths give the same bits."""
+    """Above 4096 copies the dispatch is one cooperative kernel (a grid barrier, TMA loads and stores): captured in a
+    graph and replayed, it gives the same bits as run eagerly."""
     t, k, e, h = 2048, 6, 160, 2048
     hidden, ids = _cuda(hidden_for(t, h, seed=21), routing("random", t, k, e, seed=21))
     calls = [lambda: moe.dispatch_contiguous(hidden, ids, e, 128, True),
@@ -735,6 +738,22 @@ def test_kernel_dispatch_large_cuda_graph():
             _assert_dispatch_equal(got, want, True, "graph replay")
     finally:
         dsv2_kernels.set_value_checks(checks_were_on)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernel("dispatch_contiguous")
+@requires_cuda_kernel("dispatch_masked")
+@pytest.mark.parametrize("quant_fp8", [False, True])
+def test_kernel_dispatch_three_kernel_fallback(quant_fp8):
+    """More copies per CTA than the cooperative kernel keeps in shared memory (8192 on a 132-SM GPU): the count ->
+    rank -> copy kernels."""
+    t, k, e = 18000, 64, 6
+    hidden, ids = _cuda(hidden_for(t, 128, seed=5), routing("few_experts", t, k, e, seed=5))
+    want = _ref(moe.dispatch_contiguous, hidden, ids, e, 128, quant_fp8)
+    _assert_dispatch_equal(moe.dispatch_contiguous(hidden, ids, e, 128, quant_fp8), want, quant_fp8, "contiguous")
+    del want
+    want = _ref(moe.dispatch_masked, hidden, ids, e, 400_000, quant_fp8)
+    _assert_dispatch_equal(moe.dispatch_masked(hidden, ids, e, 400_000, quant_fp8), want, quant_fp8, "masked")
 
 
 @pytest.mark.gpu

@@ -7,33 +7,33 @@
 // copies: a stable multi-split), so the layout is deterministic and bit-reproducible without any global atomics.
 //
 // The copy itself is the cost (each token row read once and written k times: 3/4 (FP8) to 6/7 (bf16) of the traffic
-// are writes), so the routing work is kept off the copying CTAs' critical path. Two paths:
+// are writes), so the routing work is kept off the critical path: the rows' loads are in flight while it runs.
+// Three paths:
 //   * up to kFusedMaxCopies copies (decode, latency-bound): one kernel (dispatch_fused_kernel). Each CTA issues the
 //     loads of its rows first, then counts the copies before its tokens and per expert itself (a few KB of ids from
 //     L2), warp 0 ranks the CTA's own copies into token_row (and shared memory), and all threads copy.
-//   * beyond: three kernels, each a programmatic dependent of the previous one, so all three are in flight together.
-//     They work on rank chunks of chunk_copies consecutive flat copies (~kTargetChunks chunks, <= 4096 copies each):
-//       1. dispatch_count_kernel: the per-expert histogram of each chunk -> chunk_hist [chunks, E].
-//       2. dispatch_rank_kernel, one CTA per chunk: before waiting on 1, each warp ranks its slice of the chunk
-//          locally (match_any, per-warp counters); after, it adds the histograms of the chunks before its own (of all
-//          of them for the offsets) and the counts of the warps before it, and writes token_row; chunk 0 writes the
-//          offsets / counts, each CTA a slice of row_expert (-1 on padding and unused rows), a warp per segment.
-//       3. dispatch_copy_kernel: a pure copy. Each CTA loads its token rows (8 16-byte vectors per thread, in
-//          registers; FP8 quantizes them right away) before waiting on 2, so the first wave's reads (the whole input
-//          at T = 4096, H = 2048) overlap the count/rank chain; then it stages its tokens' token_row in shared memory
-//          and stores each row to its k destinations.
-//     So a copying CTA does one L2 round trip (token_row) besides the copy. (The previous design ranked inside every
-//     copying CTA: an O(chunks * E) prefix, a serial warp-0 loop and barriers before the first store, and the stores
-//     re-read token_row from L2 one slot at a time.)
-// Stores are 16 bytes per lane (a warp writes 512 contiguous bytes of a row). With FP8 each thread quantizes 16 values
-// once per token (not per copy), 8 lanes sharing a 128-group's amax through shuffles; those 8 lanes then store the
-// group's scale to the k destinations, one slot each.
+//   * up to kCoopMaxCopies (prefill chunks of up to ~5k tokens): one cooperative kernel, dispatch_coop_kernel: a CTA per SM, each a contiguous token range,
+//     its shared memory a ring of ~32 KB row tiles filled by TMA bulk loads issued at launch. While they fly, each
+//     CTA ranks its own copies locally and the last CTA of each rank chunk (a few consecutive CTAs) publishes the
+//     chunk's histogram; one grid barrier; each CTA adds the histograms before its chunk (and all, for the offsets),
+//     then warp 0 issues one TMA bulk store per copy (a whole row, shared -> global: no registers, a few
+//     instructions per row) and refills each stage as soon as its stores have read it. FP8 quantizes each tile once,
+//     in place in shared memory (the first tile between the barrier's arrive and wait), 8 lanes per 128-group; those
+//     8 lanes store the group's scale to the k destinations, one slot each. (The previous design, three kernels
+//     count -> rank -> copy chained by programmatic launch, still started storing only after two grid completions,
+//     and its register-tiled copy did not overlap reads with writes within a CTA.)
+//   * beyond, and where the cooperative kernel does not fit (rows too long for two stages, no cooperative launch):
+//     three kernels, each a programmatic dependent of the previous one,
+//     on rank chunks of <= 4096 consecutive flat copies: dispatch_count_kernel (chunk histograms), dispatch_rank_kernel
+//     (token_row, offsets / counts, row_expert; its local ranking runs before it waits on the counts) and
+//     dispatch_copy_kernel (rows loaded into registers before it waits on the ranks, then 16-byte stores).
 //
 // FP8 matches fp8.quant_per_token_group_ref bit for bit through the quantizer's own helpers (fp8/quant_common.cuh).
 
 #include "../common/torch_cuda.h"
 
 #include <ATen/ops/empty_strided.h>
+#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -47,6 +47,8 @@
 
 namespace dsv2 {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -68,7 +70,7 @@ struct Params {
   int32_t* token_row;           // [T, k]
   int32_t* row_expert;          // [R] (contiguous) or null
   int32_t* meta;                // expert_offsets [E + 1] (contiguous) or counts [E] (masked)
-  const int32_t* chunk_hist;    // [chunks, E] copies per expert per rank chunk (three-kernel path)
+  int32_t* chunk_hist;          // [chunks, E] copies per expert per rank chunk
   int64_t scale_pad;            // column stride of the scales (round_up(rows per matrix, 4))
   int num_rows;                 // R (contiguous)
   int tokens, top_k, experts, hidden_size;
@@ -77,6 +79,12 @@ struct Params {
   int cta_tokens;    // tokens per copying CTA
   int chunk_copies;  // copies per rank chunk (a multiple of kThreads, <= kRankBatches * kThreads)
   int chunks;        // rank chunks
+  // single-kernel path (dispatch_coop_kernel)
+  int chunk_ctas;    // CTAs per rank chunk
+  int cta_copies;    // most copies of one CTA's token range (its shared token_row slots)
+  int tile_tokens;   // token rows per pipeline stage
+  int stage_bytes;   // bytes per stage (a multiple of 128)
+  int stages;        // pipeline stages
 };
 
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
@@ -100,14 +108,17 @@ __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v 
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
 // Contiguous layout: s_off[e] = start of expert e's segment (the exclusive prefix of the counts padded to the
-// alignment), s_off[E] = rows used. 4 consecutive experts per thread, then warps, then the CTA. All threads call it;
-// it ends synchronized.
+// alignment), s_off[E] = rows used. kMaxExperts / kNT consecutive experts per thread, then warps, then the CTA. All
+// kNT threads call it; it ends synchronized. s_warp: kNT / 32 ints.
+template <int kNT>
 __device__ __forceinline__ void padded_offsets(const int* s_total, int* s_off, int* s_warp, int E, int alignment) {
+  constexpr int kPer = kMaxExperts / kNT, kNW = kNT / 32;
+  static_assert(kPer * kNT == kMaxExperts, "each thread takes a whole number of experts");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int v[4], local = 0;
+  int v[kPer], local = 0;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int e = tid * 4 + q;
+  for (int q = 0; q < kPer; ++q) {
+    const int e = tid * kPer + q;
     v[q] = e < E ? static_cast<int>((static_cast<int64_t>(s_total[e]) + alignment - 1) / alignment * alignment) : 0;
     local += v[q];
   }
@@ -121,18 +132,56 @@ __device__ __forceinline__ void padded_offsets(const int* s_total, int* s_off, i
   __syncthreads();
   int run = incl - local, all = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < kNW; ++w) {
     run += w < warp ? s_warp[w] : 0;
     all += s_warp[w];
   }
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int e = tid * 4 + q;
+  for (int q = 0; q < kPer; ++q) {
+    const int e = tid * kPer + q;
     if (e < E) s_off[e] = run;
     run += v[q];
   }
   if (tid == 0) s_off[E] = all;
   __syncthreads();
+}
+
+// 16 consecutive bf16 values (a, b) of one 128-group as e4m3, with the group's scale; the 8 lanes l ^ {1, 2, 4}
+// hold the group's other values (all 32 lanes must call it). The same scale and quotients as quant_per_token_group
+// (quant_common.cuh), so the fused path is bit-exact with the reference (which multiplies amax by the fp32
+// reciprocal of 448, as ATen does).
+__device__ __forceinline__ uint4 quantize16(const uint4& a, const uint4& b, float& scale) {
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  float x[16];
+  float amax = 0.f;
+#pragma unroll
+  for (int h = 0; h < 8; ++h) {
+    x[2 * h] = bf16_lo(w[h]);
+    x[2 * h + 1] = bf16_hi(w[h]);
+    amax = fp8_quant::max_nan(amax, fp8_quant::max_nan(fabsf(x[2 * h]), fabsf(x[2 * h + 1])));
+  }
+  amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 1));
+  amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 2));
+  amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 4));
+  scale = fp8_quant::group_scale(amax);
+  const fp8_quant::Divisor div = fp8_quant::make_divisor(scale);
+  uint32_t packed[4];
+#pragma unroll
+  for (int h = 0; h < 4; ++h)
+    packed[h] = fp8_quant::fp8x2(x[4 * h], x[4 * h + 1], div) |
+                (fp8_quant::fp8x2(x[4 * h + 2], x[4 * h + 3], div) << 16);
+  return make_uint4(packed[0], packed[1], packed[2], packed[3]);
+}
+
+// Index into p.scales of group g of destination row d (column-major scales; masked: per expert matrix).
+template <bool kMasked>
+__device__ __forceinline__ int64_t scale_index(const Params& p, int d, int64_t g) {
+  if constexpr (kMasked) {
+    const int e = d / p.max_m, m = d - e * p.max_m;
+    return (static_cast<int64_t>(e) * (p.hidden_size / kGroup) + g) * p.scale_pad + m;
+  } else {
+    return d + g * p.scale_pad;
+  }
 }
 
 // One pass of a CTA over its token rows [t0, t0 + n): each thread holds 8 16-byte vectors of hidden (128 bytes in
@@ -170,31 +219,7 @@ struct Tile {
   __device__ __forceinline__ void quantize() {
     if constexpr (kFp8) {
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) {
-        const uint4 a = v[2 * j], b = v[2 * j + 1];
-        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-        float x[16];
-        float amax = 0.f;
-#pragma unroll
-        for (int h = 0; h < 8; ++h) {
-          x[2 * h] = bf16_lo(w[h]);
-          x[2 * h + 1] = bf16_hi(w[h]);
-          amax = fp8_quant::max_nan(amax, fp8_quant::max_nan(fabsf(x[2 * h]), fabsf(x[2 * h + 1])));
-        }
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 1));
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 2));
-        amax = fp8_quant::max_nan(amax, __shfl_xor_sync(kFull, amax, 4));
-        // The same scale and quotients as quant_per_token_group (quant_common.cuh), so the fused path is bit-exact
-        // with the reference (which multiplies amax by the fp32 reciprocal of 448, as ATen does).
-        scale[j] = fp8_quant::group_scale(amax);
-        const fp8_quant::Divisor div = fp8_quant::make_divisor(scale[j]);
-        uint32_t packed[4];
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          packed[h] = fp8_quant::fp8x2(x[4 * h], x[4 * h + 1], div) |
-                      (fp8_quant::fp8x2(x[4 * h + 2], x[4 * h + 3], div) << 16);
-        q[j] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-      }
+      for (int j = 0; j < kItems; ++j) q[j] = quantize16(v[2 * j], v[2 * j + 1], scale[j]);
     }
   }
 
@@ -223,14 +248,7 @@ struct Tile {
           for (int s = threadIdx.x & 7; s < k; s += 8) {
             const int d = trt[s];
             if (d < 0) continue;
-            int64_t so;
-            if constexpr (kMasked) {
-              const int e = d / p.max_m, m = d - e * p.max_m;
-              so = static_cast<int64_t>(e) * (H / kGroup) * p.scale_pad + m;
-            } else {
-              so = d;
-            }
-            p.scales[so + g * p.scale_pad] = scale[j];
+            p.scales[scale_index<kMasked>(p, d, g)] = scale[j];
           }
         }
       }
@@ -336,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_rank_kernel(co
     }
   }
   __syncthreads();
-  if constexpr (!kMasked) padded_offsets(s_total, s_off, s_warp, E, p.alignment);
+  if constexpr (!kMasked) padded_offsets<kThreads>(s_total, s_off, s_warp, E, p.alignment);
   if (chunk == 0) {
     if constexpr (kMasked) {
       for (int e = tid; e < E; e += kThreads) p.meta[e] = s_total[e];
@@ -403,6 +421,307 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_copy_kernel(co
   }
 }
 
+// ---- one cooperative kernel (more than kFusedMaxCopies copies) ---------------------------------------------------
+constexpr int kCoopThreads = 512;  // one CTA per SM: its shared memory is the row pipeline
+constexpr int kCoopWarps = kCoopThreads / 32;
+constexpr int kMaxStages = 8;
+constexpr int kStageTarget = 32 * 1024;  // bf16 row bytes per pipeline stage aimed at
+constexpr int kCoopMaxItems = 4;         // fp8: 16-value items per thread per stage
+constexpr int kChunkCopies = 4096;       // flat copies per rank chunk aimed at
+// Copies up to which the cooperative kernel runs (beyond: the count -> rank -> copy kernels). Measured on the H200
+// (bench_moe): at T = 4096 x top-6 it beats the three kernels (V2 bf16 79.9 vs 74.2 % of copy, fp8 60.8 vs ~55 %),
+// at T = 16384 it loses (V2 bf16 76.5 vs 84.8 %, fp8 42.7 vs 61 %: one 512-thread CTA per SM with a single shared
+// ring keeps fewer bytes in flight than 3+ copy CTAs per SM once each CTA has hundreds of rows to move).
+constexpr int64_t kCoopMaxCopies = 32768;
+constexpr int kMaxCtaCopies = 8192;      // copies of one CTA's token range (its token_row in shared memory)
+static_assert(kMaxCtaCopies < (1 << 21), "rank codes pack local_rank << 10 | e");
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// TMA bulk copy global -> shared of `bytes` (a multiple of 16), completing the current phase of bar.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+// TMA bulk copy shared -> global, in the calling thread's current bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// All but the newest N bulk groups of this thread have finished reading shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// FP8, all threads: quantize the n bf16 rows of a stage in place, each row's e4m3 values to the front of the stage
+// (row r at r * H bytes), ready for bulk stores; sc[j] keeps the scale of item j * kCoopThreads + tid (16 values of
+// one row, the 8 lanes tid ^ {1..7} & 7 sharing a 128-group). Ends synchronized.
+__device__ __forceinline__ void quantize_stage(uint8_t* st, int n, int H, float (&sc)[kCoopMaxItems]) {
+  const int units = H / 16, items = n * units;
+  uint4 q[kCoopMaxItems];
+#pragma unroll
+  for (int j = 0; j < kCoopMaxItems; ++j) {
+    if (j * kCoopThreads < items) {  // CTA-uniform: every lane takes part in the group's shuffles
+      const int i = j * kCoopThreads + static_cast<int>(threadIdx.x);
+      uint4 a = make_uint4(0, 0, 0, 0), b = a;
+      if (i < items) {
+        const int r = i / units, u = i - r * units;
+        const uint4* src = reinterpret_cast<const uint4*>(st + static_cast<int64_t>(r) * H * 2) + u * 2;
+        a = src[0];
+        b = src[1];
+      }
+      q[j] = quantize16(a, b, sc[j]);
+    }
+  }
+  __syncthreads();  // every bf16 value is read before the e4m3 rows overwrite the front of the stage
+#pragma unroll
+  for (int j = 0; j < kCoopMaxItems; ++j) {
+    const int i = j * kCoopThreads + static_cast<int>(threadIdx.x);
+    if (i < items) {
+      const int r = i / units, u = i - r * units;
+      reinterpret_cast<uint4*>(st + static_cast<int64_t>(r) * H)[u] = q[j];
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk stores (async proxy)
+  __syncthreads();
+}
+
+// One CTA per SM (cooperative launch: all resident), CTA b owning tokens [b T / G, (b + 1) T / G), processed in
+// tiles of tile_tokens rows through a ring of `stages` shared-memory stages.
+//   1. TMA loads of the first tiles are issued at once; while they fly, the CTA counts the copies per expert of its
+//      rank chunk (chunk_ctas consecutive CTAs) before its own range, and ranks its own copies in flat order (each
+//      warp a slice: match_any per 32 copies, per-warp counters, then an exclusive prefix over the warps). The last
+//      CTA of a chunk publishes the chunk's histogram.
+//   2. One grid barrier (split: fp8 quantizes its first tile between arrive and wait). Each CTA then adds the
+//      histograms of the chunks before its own (and of all, for the offsets): token_row of its copies, a slice of
+//      row_expert, offsets / counts (CTA 0).
+//   3. Warp 0 issues one bulk store per copy (a whole row, shared -> global) and refills a stage with the next tile
+//      as soon as the stores of its previous tile have read it; fp8 quantizes each tile once in place first.
+template <bool kMasked, bool kFp8>
+__global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t s_full[kMaxStages];
+  __shared__ int s_warp[kCoopWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int E = p.experts, k = p.top_k, H = p.hidden_size, G = gridDim.x, b = blockIdx.x;
+  int* s_before = reinterpret_cast<int*>(smem + static_cast<int64_t>(p.stages) * p.stage_bytes);  // [E]
+  int* s_total = s_before + E;                                                                      // [E]
+  int* s_off = s_total + E;                                                                         // [E + 1]
+  int* s_cnt = s_off + E + 1;         // [warp][e]: own copies in the warp's slice, then in the slices before it
+  int* s_tr = s_cnt + kCoopWarps * E;  // own copies: rank codes (local_rank << 10 | e, or -1), then token_row
+
+  const auto range_start = [&](int c) { return static_cast<int>(static_cast<int64_t>(c) * p.tokens / G); };
+  const int ta = range_start(b), n_tok = range_start(b + 1) - ta;
+  const int chunk = b / p.chunk_ctas, first = chunk * p.chunk_ctas, last = min(first + p.chunk_ctas, G) - 1;
+  const int cs = range_start(first) * k, os = ta * k, n_own = n_tok * k;
+  const int per_w = (n_own + kCoopThreads - 1) / kCoopThreads * 32;  // own copies per warp slice (32 per lane)
+  const int ws = os + warp * per_w, we = min(ws + per_w, os + n_own);
+  const int n_tiles = (n_tok + p.tile_tokens - 1) / p.tile_tokens;
+  const uint32_t row_out = static_cast<uint32_t>(H) * (kFp8 ? 1 : 2);
+  const auto stage = [&](int i) { return smem + (i % p.stages) * p.stage_bytes; };
+  const auto tile_rows = [&](int i) { return min(p.tile_tokens, n_tok - i * p.tile_tokens); };
+  const auto load_tile = [&](int i) {
+    bulk_load(stage(i), p.hidden + static_cast<int64_t>(ta + i * p.tile_tokens) * H,
+              static_cast<uint32_t>(tile_rows(i)) * H * 2, &s_full[i % p.stages]);
+  };
+
+  // The ids of the own copies first: the ranking waits on them, the rows only later.
+  constexpr int kIdBatch = 8;
+  int rv[kIdBatch];
+  const auto load_rank_ids = [&](int i0) {
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      const int i = i0 + q * 32 + lane;
+      rv[q] = i < we ? valid_expert(__ldg(p.ids + i), E) : -1;
+    }
+  };
+  load_rank_ids(ws);
+  if (tid == 0) {
+    for (int s = 0; s < p.stages; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&s_full[s])) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  for (int e = tid; e < E; e += kCoopThreads) s_before[e] = s_total[e] = 0;
+  for (int c = tid; c < kCoopWarps * E; c += kCoopThreads) s_cnt[c] = 0;
+  __syncthreads();
+  if (tid == 0)
+    for (int i = 0; i < min(p.stages, n_tiles); ++i) load_tile(i);
+
+  // Copies per expert of the chunk before the own range (integer sums: order-independent).
+  for (int i0 = cs; i0 < os; i0 += kCoopThreads * kIdBatch) {
+    int ev[kIdBatch];
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      const int i = i0 + q * kCoopThreads + tid;
+      ev[q] = i < os ? valid_expert(__ldg(p.ids + i), E) : -1;
+    }
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) warp_count(s_before, ev[q]);
+  }
+  // Local ranks of the own copies, 32 at a time in flat order within the warp's slice: a copy's local rank is the
+  // warp's count of its expert so far plus its peers (same expert) in lower lanes; the lowest peer advances it.
+  int* cnt = s_cnt + warp * E;
+  for (int i0 = ws; i0 < we; i0 += 32 * kIdBatch) {  // warp-uniform
+    if (i0 > ws) load_rank_ids(i0);
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      if (i0 + q * 32 >= we) break;  // warp-uniform
+      const int i = i0 + q * 32 + lane, e = rv[q];
+      const unsigned peers = __match_any_sync(kFull, e);
+      const unsigned lower = peers & ((1u << lane) - 1u);
+      const int code = e >= 0 ? (cnt[e] + __popc(lower)) << 10 | e : -1;
+      __syncwarp();
+      if (e >= 0 && lower == 0) cnt[e] += __popc(peers);
+      __syncwarp();
+      if (i < we) s_tr[i - os] = code;
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < E; e += kCoopThreads) {  // exclusive prefix over the warps
+    int run = 0;
+    for (int w = 0; w < kCoopWarps; ++w) {
+      const int c = s_cnt[w * E + e];
+      s_cnt[w * E + e] = run;
+      run += c;
+    }
+    if (b == last) p.chunk_hist[static_cast<int64_t>(chunk) * E + e] = s_before[e] + run;  // the whole chunk
+  }
+
+  cg::grid_group grid = cg::this_grid();
+  auto arrived = grid.barrier_arrive();  // publishes chunk_hist (release)
+  float sc[kFp8 ? kCoopMaxItems : 1];
+  if constexpr (kFp8) {  // the first tile does not depend on the routing: quantize it while the others arrive
+    mbar_wait(&s_full[0], 0);
+    quantize_stage(stage(0), tile_rows(0), H, sc);
+  }
+  grid.barrier_wait(std::move(arrived));
+
+  const int cells = p.chunks * E, before_cells = chunk * E;
+  for (int c0 = tid; c0 < cells; c0 += kCoopThreads * kIdBatch) {
+    int v[kIdBatch];
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      const int c = c0 + q * kCoopThreads;
+      v[q] = c < cells ? __ldcg(p.chunk_hist + c) : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      const int c = c0 + q * kCoopThreads;
+      if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
+        const int e = c % E;
+        if (c < before_cells) atomicAdd(s_before + e, v[q]);
+        atomicAdd(s_total + e, v[q]);
+      }
+    }
+  }
+  __syncthreads();
+  if constexpr (!kMasked) padded_offsets<kCoopThreads>(s_total, s_off, s_warp, E, p.alignment);
+  if (b == 0) {
+    if constexpr (kMasked) {
+      for (int e = tid; e < E; e += kCoopThreads) p.meta[e] = s_total[e];
+    } else {
+      for (int e = tid; e <= E; e += kCoopThreads) p.meta[e] = s_off[e];
+    }
+  }
+  for (int c = tid; c < n_own; c += kCoopThreads) {
+    const int code = s_tr[c];
+    int dest = -1;
+    if (code >= 0) {
+      const int e = code & 1023, rank = s_before[e] + s_cnt[(c / per_w) * E + e] + (code >> 10);
+      if constexpr (kMasked)
+        dest = rank < p.max_m ? e * p.max_m + rank : -1;
+      else
+        dest = s_off[e] + rank;
+    }
+    s_tr[c] = dest;
+    p.token_row[os + c] = dest;
+  }
+  __syncthreads();
+
+  if constexpr (!kMasked) {
+    if (warp > 0) {  // warp 0 starts storing; the others write this CTA's slice of row_expert, a warp per segment
+      const int64_t per = (static_cast<int64_t>(p.num_rows) + G - 1) / G;
+      const int lo = static_cast<int>(std::min<int64_t>(b * per, p.num_rows));
+      const int hi = static_cast<int>(std::min<int64_t>(lo + per, p.num_rows));
+      for (int e = warp - 1; e <= E; e += kCoopWarps - 1) {  // e == E: the unused tail
+        const int seg_lo = max(lo, s_off[e]);
+        const int seg_hi = min(hi, e < E ? s_off[e + 1] : p.num_rows);
+        const int used = e < E ? s_off[e] + s_total[e] : 0;  // rows below hold copies, the rest is padding
+        for (int r = seg_lo + lane; r < seg_hi; r += 32) p.row_expert[r] = r < used ? e : -1;
+      }
+    }
+  }
+
+  char* out = static_cast<char*>(p.rows);
+  // Warp 0: the k bulk stores of each row of tile i (a lane per copy), then the stage of tile i - 1, whose stores
+  // have read it, takes tile i - 1 + stages.
+  const auto store_tile = [&](int i) {
+    const uint8_t* src = stage(i);
+    const int copies = tile_rows(i) * k;
+    const int32_t* tr = s_tr + i * p.tile_tokens * k;
+    for (int c = lane; c < copies; c += 32) {
+      const int d = tr[c];
+      if (d >= 0) bulk_store(out + static_cast<int64_t>(d) * row_out, src + (c / k) * row_out, row_out);
+    }
+    bulk_commit();
+    if (i >= 1 && i - 1 + p.stages < n_tiles) {
+      bulk_wait_read<1>();
+      __syncwarp();
+      if (lane == 0) load_tile(i - 1 + p.stages);
+    }
+  };
+  if constexpr (kFp8) {
+    for (int i = 0; i < n_tiles; ++i) {
+      const int n = tile_rows(i);
+      if (i > 0) {
+        mbar_wait(&s_full[i % p.stages], (i / p.stages) & 1);
+        quantize_stage(stage(i), n, H, sc);
+      }
+      // Each 128-group's scale, once per destination: the 8 lanes of the group take the slots in turn.
+      const int units = H / 16, items = n * units;
+      const int32_t* tr = s_tr + i * p.tile_tokens * k;
+#pragma unroll
+      for (int j = 0; j < kCoopMaxItems; ++j) {
+        const int it = j * kCoopThreads + tid;
+        if (it < items) {
+          const int r = it / units, g = (it - r * units) / 8;
+          for (int s = tid & 7; s < k; s += 8) {
+            const int d = tr[r * k + s];
+            if (d >= 0) p.scales[scale_index<kMasked>(p, d, g)] = sc[j];
+          }
+        }
+      }
+      if (warp == 0) store_tile(i);
+    }
+  } else if (warp == 0) {
+    for (int i = 0; i < n_tiles; ++i) {
+      mbar_wait(&s_full[i % p.stages], (i / p.stages) & 1);
+      store_tile(i);
+    }
+  }
+  if (warp == 0) bulk_wait_all();  // the shared memory is read (and the rows written) before the CTA exits
+}
+
 // Small T: everything in one kernel. Each CTA counts the copies before its tokens (and per expert, for the offsets)
 // itself, warp 0 ranks its own copies, then all threads copy.
 template <bool kMasked, bool kFp8>
@@ -448,7 +767,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(const __grid_c
   }
   __syncthreads();
 
-  if constexpr (!kMasked) padded_offsets(s_total, s_off, s_warp, E, p.alignment);
+  if constexpr (!kMasked) padded_offsets<kThreads>(s_total, s_off, s_warp, E, p.alignment);
   if (blockIdx.x == 0) {
     if constexpr (kMasked) {
       for (int e = tid; e < E; e += kThreads) p.meta[e] = s_total[e];
@@ -556,6 +875,71 @@ void launch_dependent(bool programmatic, Kernel kernel, unsigned grid, cudaStrea
   kernel<<<grid, kThreads, 0, stream>>>(args...);
 }
 
+// Sizes dispatch_coop_kernel for p and launches it cooperatively on `stream`; false (nothing launched) where it does
+// not apply: no cooperative launch, a CTA's token range or a stage does not fit in shared memory.
+template <bool kMasked, bool kFp8>
+bool launch_coop(Params& p, int64_t tokens, at::Tensor& chunk_hist_buf, const at::Tensor& hidden,
+                 cudaStream_t stream) {
+  const int device = hidden.get_device();
+  int coop = 0, optin = 0;
+  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (!coop) return false;
+  const int64_t ctas = std::min<int64_t>(sm_count(device), tokens);
+  const int64_t range_tokens = (tokens + ctas - 1) / ctas;  // the most tokens of one CTA
+  const int64_t cta_copies = range_tokens * p.top_k;
+  if (cta_copies > kMaxCtaCopies) return false;
+  const int64_t row_in = int64_t{2} * p.hidden_size;
+  const int64_t tile_tokens = std::clamp<int64_t>(kStageTarget / row_in, 1, range_tokens);
+  if (kFp8 && tile_tokens * (p.hidden_size / 16) > kCoopMaxItems * kCoopThreads) return false;
+  const int64_t stage_bytes = (tile_tokens * row_in + 127) / 128 * 128;
+  const int64_t meta_bytes = ((3 + kCoopWarps) * int64_t{p.experts} + 1 + cta_copies) * 4;
+  const int64_t avail = optin - meta_bytes - 512;  // the static shared memory (mbarriers, s_warp)
+  const int64_t tiles = (range_tokens + tile_tokens - 1) / tile_tokens;
+  const int64_t stages = std::min<int64_t>({kMaxStages, avail / stage_bytes, tiles});
+  if (stages < std::min<int64_t>(2, tiles)) return false;  // the ring needs a stage to refill while one is stored
+  const int64_t smem = stages * stage_bytes + meta_bytes;
+  auto* kernel = dispatch_coop_kernel<kMasked, kFp8>;
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kCoopThreads, static_cast<size_t>(smem)) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (per_sm < 1) return false;
+  const int64_t chunk_ctas = std::clamp<int64_t>(kChunkCopies / cta_copies, 1, ctas);
+  const int64_t chunks = (ctas + chunk_ctas - 1) / chunk_ctas;
+  chunk_hist_buf = at::empty({chunks, p.experts}, hidden.options().dtype(at::kInt));
+  p.chunk_hist = chunk_hist_buf.data_ptr<int32_t>();
+  p.chunks = static_cast<int>(chunks);
+  p.chunk_ctas = static_cast<int>(chunk_ctas);
+  p.cta_copies = static_cast<int>(cta_copies);
+  p.tile_tokens = static_cast<int>(tile_tokens);
+  p.stage_bytes = static_cast<int>(stage_bytes);
+  p.stages = static_cast<int>(stages);
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(kCoopThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;  // all CTAs resident: the grid barrier cannot deadlock
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaLaunchKernelEx(&cfg, kernel, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
 // Fills the geometry of p (tokens per CTA, rank chunks) and launches the fused kernel, or the count, rank and copy
 // kernels, on the current stream.
 template <bool kMasked>
@@ -581,6 +965,14 @@ void launch(Params& p, bool quant_fp8, int64_t tokens, at::Tensor& chunk_hist_bu
       dispatch_fused_kernel<kMasked, true><<<grid, kThreads, 0, stream>>>(p);
     else
       dispatch_fused_kernel<kMasked, false><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  const bool coop = copies <= kCoopMaxCopies &&
+                    (quant_fp8 ? launch_coop<kMasked, true>(p, tokens, chunk_hist_buf, hidden, stream)
+                             : launch_coop<kMasked, false>(p, tokens, chunk_hist_buf, hidden, stream));
+  if (coop) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
