@@ -19,11 +19,11 @@ Prediction (H200, 4.2 TB/s copy ceiling):
   * route: latency-bound up to T = 128 (one wave of warps; ~3-5 us including the launch), ~10-20 us at T = 16384
     (compute: softmax, group scan, 6 warp-argmax rounds per token). The reference is a dozen kernels with two
     segmented sorts: ~100-300 us at T = 16384, so >= 5x there.
-  * dispatch: writes are 3/4 (fp8) to 6/7 (bf16) of the traffic; the count kernel and the per-CTA rank prologue
-    cost ~3-4 us, overlapped with the copy kernel's launch by programmatic dependent launch. Expect ~3.2-3.6 TB/s
-    (75-85%) at T = 4096 and ~3.6 TB/s (85%+) from T = 16384 on; decode (T <= 128) ~5-8 us, a single kernel. The
-    reference (sort, index_put of whole rows, quantization of all R rows incl. padding) is >= 10x slower from
-    T = 256 on.
+  * dispatch: writes are 3/4 (fp8) to 6/7 (bf16) of the traffic. Up to 32768 copies one cooperative kernel (row
+    loads in flight while the copies are ranked, one grid barrier, TMA bulk stores); beyond, count -> rank -> copy
+    kernels chained by programmatic launch. Predicted 85-93 % (bf16) and 75-88 % (fp8) at T = 4096; measured
+    72-81 % and 49-61 % (RESULTS.md explains the miss); decode (T <= 128) ~5-8 us, a single kernel. The reference
+    (sort, index_put of whole rows, quantization of all R rows incl. padding) is >= 10x slower from T = 256 on.
   * combine: a gather of whole 4-10 KB rows with k loads in flight per thread: ~3.5-3.8 TB/s (85-90%) from
     T = 4096 on; the reference does k gathers + fp32 temporaries, >= 5x slower.
 """
