@@ -146,6 +146,43 @@ __device__ __forceinline__ void padded_offsets(const int* s_total, int* s_off, i
   __syncthreads();
 }
 
+// The rank step shared by dispatch_rank_kernel and dispatch_coop_kernel, once every chunk's histogram is visible:
+// adds chunk_hist cells [0, cells) (chunk-major, E per chunk) into s_total[e] and the cells below before_cells into
+// s_before[e] (kBatch loads in flight per thread), then the contiguous layout's padded segment starts (s_off), and
+// where write_meta the layout's offsets (contiguous) or counts (masked). All kNT threads call it; the sums and
+// s_off are complete on return.
+template <int kNT, int kBatch, bool kMasked>
+__device__ __forceinline__ void sum_chunk_hists(const Params& p, int cells, int before_cells, bool write_meta,
+                                                int* s_before, int* s_total, int* s_off, int* s_warp) {
+  const int E = p.experts, tid = threadIdx.x;
+  for (int c0 = tid; c0 < cells; c0 += kNT * kBatch) {
+    int v[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int c = c0 + q * kNT;
+      v[q] = c < cells ? __ldcg(p.chunk_hist + c) : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int c = c0 + q * kNT;
+      if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
+        const int e = c % E;
+        if (c < before_cells) atomicAdd(s_before + e, v[q]);
+        atomicAdd(s_total + e, v[q]);
+      }
+    }
+  }
+  __syncthreads();
+  if constexpr (!kMasked) padded_offsets<kNT>(s_total, s_off, s_warp, E, p.alignment);
+  if (write_meta) {
+    if constexpr (kMasked) {
+      for (int e = tid; e < E; e += kNT) p.meta[e] = s_total[e];
+    } else {
+      for (int e = tid; e <= E; e += kNT) p.meta[e] = s_off[e];
+    }
+  }
+}
+
 // 16 consecutive bf16 values (a, b) of one 128-group as e4m3, with the group's scale; the 8 lanes l ^ {1, 2, 4}
 // hold the group's other values (all 32 lanes must call it). The same scale and quotients as quant_per_token_group
 // (quant_common.cuh), so the fused path is bit-exact with the reference (which multiplies amax by the fp32
@@ -335,33 +372,7 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_rank_kernel(co
   griddep_wait();  // chunk_hist is complete and visible (a no-op without a programmatic dependency)
   const bool need_total = !kMasked || chunk == 0;
   const int cells = (need_total ? p.chunks : chunk) * E;
-  constexpr int kCellBatch = 16;  // independent loads in flight per thread
-  for (int c0 = tid; c0 < cells; c0 += kThreads * kCellBatch) {
-    int v[kCellBatch];
-#pragma unroll
-    for (int q = 0; q < kCellBatch; ++q) {
-      const int c = c0 + q * kThreads;
-      v[q] = c < cells ? __ldcg(p.chunk_hist + c) : 0;
-    }
-#pragma unroll
-    for (int q = 0; q < kCellBatch; ++q) {
-      const int c = c0 + q * kThreads;
-      if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
-        const int e = c % E;
-        if (c < chunk * E) atomicAdd(s_before + e, v[q]);
-        atomicAdd(s_total + e, v[q]);
-      }
-    }
-  }
-  __syncthreads();
-  if constexpr (!kMasked) padded_offsets<kThreads>(s_total, s_off, s_warp, E, p.alignment);
-  if (chunk == 0) {
-    if constexpr (kMasked) {
-      for (int e = tid; e < E; e += kThreads) p.meta[e] = s_total[e];
-    } else {
-      for (int e = tid; e <= E; e += kThreads) p.meta[e] = s_off[e];
-    }
-  }
+  sum_chunk_hists<kThreads, 16, kMasked>(p, cells, chunk * E, chunk == 0, s_before, s_total, s_off, s_warp);
 
 #pragma unroll
   for (int b = 0; b < kRankBatches; ++b) {
@@ -616,33 +627,8 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
   }
   grid.barrier_wait(std::move(arrived));
 
-  const int cells = p.chunks * E, before_cells = chunk * E;
-  for (int c0 = tid; c0 < cells; c0 += kCoopThreads * kIdBatch) {
-    int v[kIdBatch];
-#pragma unroll
-    for (int q = 0; q < kIdBatch; ++q) {
-      const int c = c0 + q * kCoopThreads;
-      v[q] = c < cells ? __ldcg(p.chunk_hist + c) : 0;
-    }
-#pragma unroll
-    for (int q = 0; q < kIdBatch; ++q) {
-      const int c = c0 + q * kCoopThreads;
-      if (v[q] != 0) {  // cell c is (chunk c / E, expert c % E)
-        const int e = c % E;
-        if (c < before_cells) atomicAdd(s_before + e, v[q]);
-        atomicAdd(s_total + e, v[q]);
-      }
-    }
-  }
-  __syncthreads();
-  if constexpr (!kMasked) padded_offsets<kCoopThreads>(s_total, s_off, s_warp, E, p.alignment);
-  if (b == 0) {
-    if constexpr (kMasked) {
-      for (int e = tid; e < E; e += kCoopThreads) p.meta[e] = s_total[e];
-    } else {
-      for (int e = tid; e <= E; e += kCoopThreads) p.meta[e] = s_off[e];
-    }
-  }
+  sum_chunk_hists<kCoopThreads, kIdBatch, kMasked>(p, p.chunks * E, chunk * E, b == 0, s_before, s_total, s_off,
+                                                   s_warp);
   for (int c = tid; c < n_own; c += kCoopThreads) {
     const int code = s_tr[c];
     int dest = -1;
