@@ -111,6 +111,22 @@ __device__ __forceinline__ void seq_range(const int* cu, int b, int total, int& 
   len = e - s;
 }
 
+// One work item's sequence ranges and the number of key tiles it reads. The producer and both consumer warpgroups
+// derive the tile count from this one function: the pipeline's barrier phases rely on them agreeing exactly.
+struct ItemRange {
+  int q0, lq, k0, lk;
+  int n_tiles;
+};
+__device__ __forceinline__ ItemRange item_range(const PrefillParams& p, int b, int row0) {
+  ItemRange r;
+  seq_range(p.cu_q, b, p.tq, r.q0, r.lq);
+  seq_range(p.cu_k, b, p.tk, r.k0, r.lk);
+  // The block's last row sees the most keys (causal: aligned at the end of the sequence).
+  const int key_end = p.causal ? min(r.lk, r.lk - r.lq + min(r.lq, row0 + kBlockM)) : r.lk;
+  r.n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+  return r;
+}
+
 // Rows [first, first + 128) of one head (row r at src + r * stride, kBlocks * 64 contiguous values) into the swizzled
 // tile at dst; rows >= valid are zero-filled. 8 threads per row (one 128-byte segment per instruction and row, 16
 // rows per pass); t = producer thread 0..127. Passes [kPass0, kPass0 + kPasses) only: passes 0-3 are rows 0-63.
@@ -219,11 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
       const int4 item = take_item(it);
       if (item.x < 0) break;
       const int b = item.x, h = item.y, row0 = item.z;
-      int q0, lq, k0, lk;
-      seq_range(p.cu_q, b, p.tq, q0, lq);
-      seq_range(p.cu_k, b, p.tk, k0, lk);
-      const int key_end = p.causal ? min(lk, lk - lq + min(lq, row0 + kBlockM)) : lk;
-      const int n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+      const ItemRange r = item_range(p, b, row0);
+      const int q0 = r.q0, k0 = r.k0, lq = r.lq, lk = r.lk, n_tiles = r.n_tiles;
       if (n_tiles == 0) continue;  // rows that see no key: the consumers write them without Q or K
 
       const __nv_bfloat16* qb = p.q + static_cast<int64_t>(q0) * p.q_s0 + static_cast<int64_t>(h) * p.q_s1;
@@ -361,14 +374,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     const int4 item = take_item(it);
     if (item.x < 0) break;
     const int b = item.x, h = item.y, row0 = item.z;
-    int q0, lq, k0, lk;
-    seq_range(p.cu_q, b, p.tq, q0, lq);
-    seq_range(p.cu_k, b, p.tk, k0, lk);
+    const ItemRange r = item_range(p, b, row0);
+    const int q0 = r.q0, lq = r.lq, lk = r.lk, n_tiles = r.n_tiles;
 
     // Query i sees keys j < lim(i) = causal ? min(lk, lk - lq + i + 1) : lk. The block's last row sees the most
     // keys; tiles from mask_from on hold a key that some row of the block (its first row sees the fewest) may not see.
-    const int key_end = p.causal ? min(lk, lk - lq + min(lq, row0 + kBlockM)) : lk;
-    const int n_tiles = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
     const int first_lim = p.causal ? min(lk, lk - lq + row0 + 1) : lk;
     mask_from = max(first_lim, 0) / kBlockN;
     const int i_lo = row0 + wg * 64 + warp * 16 + (lane >> 2), i_hi = i_lo + 8;  // rows in the sequence
