@@ -83,7 +83,10 @@ static_assert(Smem::kK % 1024 == 0 && Smem::kV % 1024 == 0, "swizzled tiles must
 constexpr uint32_t kFullCount = 128;  // producer threads (one cp.async-completion arrival each)
 constexpr uint32_t kEmptyCount = 8;   // consumer warps (one arrival each)
 constexpr uint32_t kQEmptyCount = 4;  // the warps of the consumer warpgroup that reads those Q rows
-constexpr uint32_t kItemReaders = 12;  // every warp reads each work item (one arrival per warp)
+// Every thread reads each work item, and every thread arrives on the slot's "empty" barrier after its own read: an
+// arrival by one lane per warp would release only that lane's read (a __syncwarp in between compiles to nothing and
+// orders no shared-memory access), which racecheck reports as a write-after-read race with the producer's refill.
+constexpr uint32_t kItemReaders = 384;
 
 struct PrefillParams {
   const __nv_bfloat16* q;  // token t, head h at q + t * q_s0 + h * q_s1 (192 contiguous values)
@@ -189,8 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
                  : "=r"(item.x), "=r"(item.y), "=r"(item.z), "=r"(item.w)
                  : "r"(item_slot(slot))
                  : "memory");
-    __syncwarp();
-    if (lane == 0) mbar_arrive(item_empty(slot));
+    mbar_arrive(item_empty(slot));
     return item;
   };
 
