@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   float* s_alpha = reinterpret_cast<float*>(smem + L::kRow);
   float* s_l = s_alpha + kBlockM;
   float* s_m = s_l + kBlockM;
-  // e4m3 path: full[s] (the producer's 128 threads arrive: stage s converted), empty[s] (the 8 consumer warps
+  // e4m3 path: full[s] (the producer's 128 threads arrive: stage s converted), empty[s] (all 256 consumer threads
   // arrive: stage s read).
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
 
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
 #pragma unroll
       for (int st = 0; st < 2; ++st) {
         mbar_init(bar_full + 8 * st, 128);
-        mbar_init(bar_empty + 8 * st, 8);
+        mbar_init(bar_empty + 8 * st, kThreads);
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -449,10 +449,12 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
     pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
 
     if constexpr (kFp8) {
-      // Stage k & 1 fully read (S before the middle barrier, V just now): the producer may refill it. P, alpha and
-      // the row state are protected by the next top barrier.
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty + 8 * (k & 1));
+      // Stage k & 1 fully read (S and the scale slot before the middle barrier, V just now): the producer may refill
+      // it. Every thread arrives for its own reads: WG0's threads read the scale slot with plain loads, and an
+      // arrive releases only the arriving thread's accesses (one elected lane per warp would rely on the named
+      // barrier to carry the other lanes' reads to it, which compute-sanitizer racecheck does not follow; the
+      // __syncwarp such code needs compiles to nothing). P, alpha and the row state: the next top barrier.
+      mbar_arrive(bar_empty + 8 * (k & 1));
     } else {
       __syncthreads();  // both warpgroups done with tile k and P
       if (k + 2 < count) issue_kv(k + 2);
