@@ -22,11 +22,13 @@ warpgroup 0 does Q K^T + softmax, both warpgroups P V; scheduler + main + combin
   ~2 us per tile and block: 380-470 TFLOP/s (50-63% of the 744 TFLOP/s GEMM ceiling), the 460 TFLOP/s bar at the top
   of that range. The idle tensor time during the softmax is the lever: overlapping it with the other tile's MMAs
   (FlashMLA-style ping-pong of two tiles between the warpgroups) needs the shared-memory budget reworked.
-* FP8 cache: bytes halve (1.2-1.5 us of HBM time per tile) but each tile still costs the padded 64-row MMA plus a
-  dequantization pass (~0.6 us, not overlapped: one bf16 tile buffer fits), so FP8 turns compute-bound at small H:
-  1.1-1.3x the bf16 tokens/s, short of the 1.6x bar. Reaching it needs less MMA per token at small H (a transposed
-  K Q^T / V^T P^T formulation with N = H * s_q instead of 64 padded rows, which also frees shared memory for a second
-  bf16 buffer) or Q K^T in FP8.
+* FP8 cache (producer warpgroup converts tile k + 1 into a second bf16 stage while the consumers compute tile k;
+  multiply-free exact conversion, scales applied in fp32 to S and P columns): bytes halve (36.9 KB + 512 B of
+  scales per tile) and the conversion is off the critical path, so each tile costs the consumers' ~3,000-3,300
+  cycles (64 padded rows of Q K^T at the shared-memory rate, softmax, P V; ~1.6-1.8 us), under the ~2 us that
+  2.5 TB/s allows: memory-bound at small H, 2.3-2.7 TB/s at s_k >= 4096 (1.6-1.9x the bf16 tokens/s; the 1.6x bar
+  is in range, not assured: only one tile is in flight per SM, held in the producer's registers). H = 128: compute-
+  bound like bf16 (the k_pe part of Q K^T is waited on separately: ~5% slower than bf16 there).
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; expected 5-20x slower.
 """

@@ -2,17 +2,22 @@
 //
 // Grid: (CTA parts of the split-KV schedule, 64-row query blocks). A CTA owns 64 query rows (s_q x heads of one
 // sequence, padded) and walks its part's run of 64-token KV tiles, which may span several sequences. Per tile:
-//   * all 256 threads load it with 16-byte cp.async into a 128-byte-swizzled shared tile, two tiles ahead (bf16
-//     cache: two stages; e4m3 cache: two raw stages, dequantized by all threads into one bf16 tile, multiplying each
-//     token's c_kv and k_pe parts by their own scales). Each token's row address goes through the block table, so any
-//     block size works; tokens past the sequence end are zero-filled, never read (unused pages may hold NaN);
+//   * bf16 cache: all 256 threads load it with 16-byte cp.async into a 128-byte-swizzled shared tile, two tiles
+//     ahead (two stages). Each token's row address goes through the block table, so any block size works; tokens
+//     past the sequence end are zero-filled, never read (unused pages may hold NaN);
+//   * e4m3 cache: a third warpgroup (the producer, 104 registers after setmaxnreg) streams the raw rows into
+//     registers (one tile in flight) and converts them into one of two bf16 stages while the consumers compute the
+//     previous tile (mbarriers full/empty per stage). The conversion has no multiply: the stage holds e4m3 * 2^-112
+//     exactly (cvt to f16, then a bit move); the per-token scales are applied in fp32 by the consumers (k_pe part of
+//     S scaled by s_pe / s_c, then S columns by s_c; P columns by s_c before P is rounded to bf16);
 //   * warpgroup 0 computes S = Q K^T (36 wgmma m64n64k16, Q and K from shared memory), masks the tail and the causal
 //     triangle, runs the online softmax in fp32 (exp2 of log2e-scaled scores), and writes P (bf16) and the per-row
 //     rescale factor to shared memory;
 //   * both warpgroups rescale and accumulate O += P V for their 256 output columns (4 wgmma m64n256k16, V being the
 //     same shared tile read MN-major), so the 64 x 512 fp32 accumulator takes 128 registers per thread.
-// At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence has one split, else a
-// normalized fp32 partial and its lse for decode_combine.cu.
+// The consumers synchronize with __syncthreads (bf16 cache, 256 threads) or named barrier 1 (e4m3 cache: the producer
+// runs ahead on its own). At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence
+// has one split, else a normalized fp32 partial and its lse for decode_combine.cu.
 
 #include "../common/torch_cuda.h"
 
@@ -24,10 +29,19 @@
 
 #include "../ops.h"
 #include "decode_common.cuh"
+#include "prefill_common.cuh"  // mbarriers, named barriers, setmaxnreg
 
 namespace dsv2 {
 namespace mla_decode {
 namespace {
+
+// The e4m3 path's producer/consumer synchronization (prefill_common.cuh).
+using mla_prefill::mbar_arrive;
+using mla_prefill::mbar_init;
+using mla_prefill::mbar_wait;
+using mla_prefill::named_bar_sync;
+using mla_prefill::setmaxnreg_dec;
+using mla_prefill::setmaxnreg_inc;
 
 // Position of the CTA in its part's run of tiles: sequence b, tile t in it, and the sequence's length and tile count.
 struct Cursor {
@@ -88,29 +102,63 @@ __device__ __forceinline__ void load_kv_bf16(const DecodeParams& p, uint32_t dst
   }
 }
 
-// Raw e4m3 rows (576 bytes, unswizzled: 4 threads per row) and the two per-token scales.
-__device__ __forceinline__ void load_kv_fp8(const DecodeParams& p, uint32_t dst, uint32_t dst_scale, const Cursor& c) {
-  const int sub = threadIdx.x & 3, row = threadIdx.x >> 2, tok = c.t * kBlockN + row;
-  const bool ok = tok < c.len;
-  const int64_t cr = ok ? cache_row(p, c.b, tok) : 0;
-  const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
-  const uint32_t d = dst + row * kKvDim + sub * 16;
-#pragma unroll
-  for (int k = 0; k < 9; ++k) cp_async_16(d + k * 64, src + k * 64, ok);
-  if (sub == 0) cp_async_8(dst_scale + row * 8, p.kv_scale + cr * 2, ok);
+// ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
+// Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
+// part of a score relative to the c_kv part, f = s_c * 2^56 scales S and P columns. With the converted tile holding
+// e4m3 * 2^-112 (e4m3x4_to_bf16x4_pow2), S = (acc_c + r acc_pe) f carries a factor 2^-56 (folded into the log2 scale)
+// and O = sum P f V carries 2^-56 (folded into the final 1 / l). Tokens past the sequence end get {0, 0}.
+constexpr float kPow56 = 72057594037927936.f;  // 2^56
+
+// One producer thread's share of half a tile: row `row` (tokens 0-31 or 32-63), 16 bytes of each 64-byte column
+// group (9 x 16 bytes, raw e4m3), and the token's two scales.
+struct Fp8Half {
+  uint4 w[9];
+  float2 sc;
+};
+
+__device__ __forceinline__ uint4 ld_stream_16(const uint8_t* src) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
 }
 
-// Raw e4m3 tile -> dequantized bf16 tile in the swizzled layout. Each op turns 8 bytes into one 16-byte chunk; 8
-// consecutive lanes write 8 chunks of one row (distinct banks after the swizzle).
-__device__ __forceinline__ void dequant_tile(uint32_t dst, const uint8_t* stage, const float* scale) {
-#pragma unroll 6
-  for (int k = 0; k < kBlockN * kKvDim / 8 / kThreads; ++k) {
-    const int o = threadIdx.x + k * kThreads, row = o / 72, c8 = o - row * 72;
-    const uint2 raw = *reinterpret_cast<const uint2*>(stage + row * kKvDim + c8 * 8);
-    const float s = scale[row * 2 + (c8 >= kVDim / 8 ? 1 : 0)];
-    const uint2 lo = fp8x4_to_bf16x4(raw.x, s), hi = fp8x4_to_bf16x4(raw.y, s);
-    st_shared_v4(dst + (c8 >> 3) * kColBlockBytes + row * 128 + (((c8 & 7) ^ (row & 7)) << 4), lo.x, lo.y, hi.x,
-                 hi.y);
+// 4 threads per token row (64 contiguous bytes per row and instruction: whole sectors), tokens past the end zero.
+__device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h, const Cursor& c, int row, int sub) {
+  const int tok = c.t * kBlockN + row;
+  if (tok < c.len) {
+    const int64_t cr = cache_row(p, c.b, tok);
+    const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
+#pragma unroll
+    for (int k = 0; k < 9; ++k) h.w[k] = ld_stream_16(src + k * 64);
+    h.sc = __ldg(reinterpret_cast<const float2*>(p.kv_scale) + cr);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 9; ++k) h.w[k] = make_uint4(0, 0, 0, 0);
+    h.sc = make_float2(0.f, 0.f);
+  }
+}
+
+// Converted half-tile into the swizzled bf16 stage: 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and
+// 2 sub + 1 of column block k. A warp covers 8 consecutive rows: each 8-lane phase writes two rows x 4 even (or odd)
+// chunks, 8 distinct 16-byte bank groups after the swizzle.
+__device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
+  const uint32_t r = dst + row * 128;
+  const int x = row & 7;
+#pragma unroll
+  for (int k = 0; k < 9; ++k) {
+    const uint2 a = e4m3x4_to_bf16x4_pow2(h.w[k].x), b = e4m3x4_to_bf16x4_pow2(h.w[k].y);
+    const uint2 c = e4m3x4_to_bf16x4_pow2(h.w[k].z), d = e4m3x4_to_bf16x4_pow2(h.w[k].w);
+    st_shared_v4(r + k * kColBlockBytes + (((2 * sub) ^ x) << 4), a.x, a.y, b.x, b.y);
+    st_shared_v4(r + k * kColBlockBytes + (((2 * sub + 1) ^ x) << 4), c.x, c.y, d.x, d.y);
+  }
+  if (sub == 0) {
+    // Scales are positive by construction (amax floored); a zero c_kv scale (not a cache the writer produces)
+    // gives r = 0 rather than inf.
+    const float rr = h.sc.x > 0.f ? h.sc.y / h.sc.x : 0.f;
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr), "f"(h.sc.x * kPow56)
+                 : "memory");
   }
 }
 
@@ -128,6 +176,51 @@ __device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv)
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(s);
+}
+
+// e4m3 cache (the tile holds e4m3 * 2^-112, `fac` the stage's {r, f} per token, see kPow56): the k_pe part first
+// (4 k steps), scaled per column by r in fp32, then the c_kv part (32 steps) accumulated on top, then every column
+// scaled by f. Exact apart from fp32 rounding (the old dequantization to bf16 rounded each k_pe and c_kv value).
+__device__ __forceinline__ void qk_gemm_fp8(float (&s)[32], uint32_t q, uint32_t kv, const float* fac, int quad) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  fence_regs(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = kVDim / 16; kk < kKvDim / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > kVDim / 16);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+  // Register 4j + e holds column 8j + 2 quad + (e & 1): one 16-byte load gives {r, f} of both columns.
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
+    s[4 * j] *= rf.x;
+    s[4 * j + 1] *= rf.z;
+    s[4 * j + 2] *= rf.x;
+    s[4 * j + 3] *= rf.z;
+  }
+  fence_regs(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kVDim / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), 1);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
+    s[4 * j] *= rf.y;
+    s[4 * j + 1] *= rf.w;
+    s[4 * j + 2] *= rf.y;
+    s[4 * j + 3] *= rf.w;
+  }
 }
 
 // O[64 x 256] += P[64 x 64] V[64 x 256]: V's 256 columns are 4 column blocks of the tile (8 KB apart), 16 tokens are
@@ -148,7 +241,7 @@ __device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). "lo" rows are r, "hi" rows r + 8.
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   using L = Smem<kFp8>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
@@ -156,6 +249,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   float* s_alpha = reinterpret_cast<float*>(smem + L::kRow);
   float* s_l = s_alpha + kBlockM;
   float* s_m = s_l + kBlockM;
+  // e4m3 path: full[s] (the producer's 128 threads arrive: stage s converted), empty[s] (all 256 consumer threads
+  // arrive: stage s read).
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
 
   const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
   const int count = sched.z;
@@ -169,20 +265,61 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   ld = cur;
   int split = sched.w;
 
-  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld
-    if constexpr (kFp8)
-      load_kv_fp8(p, base + L::kStage + (k & 1) * kFp8TileBytes, base + L::kScale + (k & 1) * kScaleTileBytes, ld);
-    else
-      load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
+  if constexpr (kFp8) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {
+        mbar_init(bar_full + 8 * st, 128);
+        mbar_init(bar_empty + 8 * st, kThreads);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // the last CTA-wide barrier: consumers then sync among themselves (named barrier 1)
+    if (wg == 2) {
+      // ---- producer: tile j of the run -> bf16 stage j & 1, once the consumers released tile j - 2 there. The
+      // registers hold one tile (two halves: rows t / 4 and t / 4 + 32); a half's next tile is loaded as soon as
+      // its current one is stored, so one tile stays in flight while the consumers work on the previous ones.
+      setmaxnreg_dec<kProducerRegs>();
+      const int t = threadIdx.x - 2 * 128, sub = t & 3, row = t >> 2;
+      Fp8Half h0, h1;
+      load_fp8_half(p, h0, ld, row, sub);
+      load_fp8_half(p, h1, ld, row + 32, sub);
+      for (int j = 0; j < count; ++j) {
+        const int st = j & 1;
+        if (j >= 2) mbar_wait(bar_empty + 8 * st, ((j >> 1) - 1) & 1);
+        ld.advance(p);  // now tile j + 1
+        const bool more = j + 1 < count;
+        const uint32_t dst = base + L::kKV + st * kTileBytes, dst_scale = base + L::kScale + st * kScaleTileBytes;
+        store_fp8_half(h0, dst, dst_scale, row, sub);
+        if (more) load_fp8_half(p, h0, ld, row, sub);
+        store_fp8_half(h1, dst, dst_scale, row + 32, sub);
+        if (more) load_fp8_half(p, h1, ld, row + 32, sub);
+        fence_proxy_async();  // the stores, visible to the consumers' wgmma
+        mbar_arrive(bar_full + 8 * st);
+      }
+      return;
+    }
+    setmaxnreg_inc<kConsumerRegs>();
+  }
+
+  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld (bf16 cache)
+    load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
     ld.advance(p);
   };
   // cp.async groups, one per step: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}.
-  // So at the top of step k "all but the newest group" is exactly tile k (and the Q it needs).
+  // So at the top of step k "all but the newest group" is exactly tile k (and the Q it needs). e4m3 cache: the
+  // consumers' only cp.async are the Q loads.
   load_q(p, base + L::kQ, cur.b, m_block);
-  issue_kv(0);
+  if constexpr (!kFp8) {
+    issue_kv(0);
+    cp_async_commit();
+    if (count > 1) issue_kv(1);
+  }
   cp_async_commit();
-  if (count > 1) issue_kv(1);
-  cp_async_commit();
+
+  // e4m3: S and O carry the factor 2^-56 (see kPow56), removed through the log2 scale and the final 1 / l.
+  const float scale_log2 = kFp8 ? p.scale_log2 * kPow56 : p.scale_log2;
+  constexpr float kOutScale = kFp8 ? kPow56 : 1.f;
 
   float o[128];
 #pragma unroll
@@ -192,23 +329,27 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
-    cp_async_wait<1>();
     if constexpr (kFp8) {
-      __syncthreads();  // the raw tile, loaded by other threads
-      dequant_tile(base + L::kKV, smem + L::kStage + (k & 1) * kFp8TileBytes,
-                   reinterpret_cast<const float*>(smem + L::kScale + (k & 1) * kScaleTileBytes));
+      cp_async_wait<0>();  // this thread's part of Q
+      fence_proxy_async();
+      mbar_wait(bar_full + 8 * (k & 1), (k >> 1) & 1);
+      named_bar_sync<kThreads>(1);  // Q ready; P and alpha of the previous tile consumed
+    } else {
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and the previous tile's buffers are free
     }
-    fence_proxy_async();
-    __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and the previous tile's buffers are free
     if (first) {  // O restarts through the PV wgmma's scale-d = 0 (no register writes here)
       m_lo = m_hi = -INFINITY;
       l_lo = l_hi = 0.f;
     }
-    const uint32_t kv = base + L::kKV + (kFp8 ? 0 : (k & 1) * kTileBytes);
+    const uint32_t kv = base + L::kKV + (k & 1) * kTileBytes;
+    const float* fac = reinterpret_cast<const float*>(smem + L::kScale + (k & 1) * kScaleTileBytes);
 
     if (wg == 0) {
       float s[32];
-      qk_gemm(s, base + L::kQ, kv);
+      if constexpr (kFp8) qk_gemm_fp8(s, base + L::kQ, kv, fac, quad);
+      else qk_gemm(s, base + L::kQ, kv);
       // Row i of the s_q queries sees tokens j < len - s_q + 1 + i when causal, else j < len.
       const int tok0 = cur.t * kBlockN;
       const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
@@ -234,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
       }
       // Running max in the log2 domain; a row that has seen no key yet keeps -inf and subtracts 0 instead.
-      const float n_lo = fmaxf(m_lo, mx_lo * p.scale_log2), n_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+      const float n_lo = fmaxf(m_lo, mx_lo * scale_log2), n_hi = fmaxf(m_hi, mx_hi * scale_log2);
       const float u_lo = n_lo == -INFINITY ? 0.f : n_lo, u_hi = n_hi == -INFINITY ? 0.f : n_hi;
       a_lo = fast_exp2(m_lo - u_lo);
       a_hi = fast_exp2(m_hi - u_hi);
@@ -244,19 +385,27 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         if (i & 2) {
-          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_hi));
+          s[i] = fast_exp2(fmaf(s[i], scale_log2, -u_hi));
           sum_hi += s[i];
         } else {
-          s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -u_lo));
+          s[i] = fast_exp2(fmaf(s[i], scale_log2, -u_lo));
           sum_lo += s[i];
         }
       }
       l_lo = l_lo * a_lo + sum_lo;
       l_hi = l_hi * a_hi + sum_hi;
-      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand.
+      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand. e4m3: P's columns carry
+      // the tokens' value factors f (the V tile holds unscaled e4m3 * 2^-112).
       const uint32_t sp = base + L::kP;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
+        if constexpr (kFp8) {
+          const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
+          s[4 * j] *= rf.y;
+          s[4 * j + 1] *= rf.w;
+          s[4 * j + 2] *= rf.y;
+          s[4 * j + 3] *= rf.w;
+        }
         const uint32_t col = ((j ^ (r_lo & 7)) << 4) + quad * 4;  // r_hi & 7 == r_lo & 7
         st_shared_b32(sp + r_lo * 128 + col, pack_bf16x2(s[4 * j], s[4 * j + 1]));
         st_shared_b32(sp + r_hi * 128 + col, pack_bf16x2(s[4 * j + 2], s[4 * j + 3]));
@@ -281,16 +430,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       }
       fence_proxy_async();
     }
-    __syncthreads();  // P and alpha written; S done, so Q is free
+    // P and alpha written; S done, so Q is free
+    if constexpr (kFp8) named_bar_sync<kThreads>(1);
+    else __syncthreads();
 
     Cursor next = cur;
     next.advance(p);
     if (last && k + 1 < count) {
       load_q(p, base + L::kQ, next.b, m_block);
-      cp_async_commit();
-    }
-    if constexpr (kFp8) {  // the raw stage of tile k was consumed before the first barrier
-      if (k + 2 < count) issue_kv(k + 2);
       cp_async_commit();
     }
     if (wg == 1) {
@@ -300,9 +447,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
     pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
-    __syncthreads();  // both warpgroups done with tile k and P
 
-    if constexpr (!kFp8) {
+    if constexpr (kFp8) {
+      // Stage k & 1 fully read (S and the scale slot before the middle barrier, V just now): the producer may refill
+      // it. Every thread arrives for its own reads: WG0's threads read the scale slot with plain loads, and an
+      // arrive releases only the arriving thread's accesses (one elected lane per warp would rely on the named
+      // barrier to carry the other lanes' reads to it, which compute-sanitizer racecheck does not follow; the
+      // __syncwarp such code needs compiles to nothing). P, alpha and the row state: the next top barrier.
+      mbar_arrive(bar_empty + 8 * (k & 1));
+    } else {
+      __syncthreads();  // both warpgroups done with tile k and P
       if (k + 2 < count) issue_kv(k + 2);
       cp_async_commit();
     }
@@ -314,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         const int r = hs ? r_hi : r_lo, g = m_block * kBlockM + r;
         if (g >= p.rows) continue;
         const float l = s_l[r], m = s_m[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l > 0.f ? kOutScale / l : 0.f;
         const float lse = l > 0.f ? m * 0.69314718055994531f + logf(l) : (ns == 1 ? INFINITY : -INFINITY);
         const int col0 = wg * 256 + 2 * quad;
         if (ns == 1) {
@@ -347,7 +501,7 @@ template <bool kFp8>
 void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
   C10_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  decode_kernel<kFp8><<<grid, kThreads, smem, stream>>>(p);
+  decode_kernel<kFp8><<<grid, kCtaThreads<kFp8>, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

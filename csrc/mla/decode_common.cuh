@@ -21,32 +21,39 @@ constexpr int kKvDim = 576;     // one latent-cache row: c_kv (512) | k_pe (64)
 constexpr int kVDim = 512;      // values: the first 512 columns
 constexpr int kBlockM = 64;     // query rows (s_q x heads of one sequence, padded) per CTA: one wgmma M
 constexpr int kBlockN = 64;     // KV tokens per tile
-constexpr int kThreads = 256;   // two warpgroups; each owns 256 of the 512 output columns
+constexpr int kThreads = 256;   // two (consumer) warpgroups; each owns 256 of the 512 output columns
+// e4m3 cache: a third warpgroup (the producer) streams and converts the KV tiles.
+template <bool kFp8>
+constexpr int kCtaThreads = kFp8 ? 384 : 256;
+// Register split after setmaxnreg: the producer holds one e4m3 tile in flight (72 registers; it spills at 88), the
+// consumers the 64 x 256 fp32 accumulator and S (no spill down to 192). 128 x 104 + 256 x 200 = 384 x 168 (what a
+// 384-thread launch is allocated).
+constexpr int kProducerRegs = 104, kConsumerRegs = 200;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register reallocation exceeds the budget");
 constexpr int kColBlockBytes = 64 * 128;                   // 64 rows x 64 bf16
 constexpr int kTileBytes = kBlockN * kKvDim * 2;           // 73,728: a bf16 Q or KV tile (9 column blocks)
-constexpr int kFp8TileBytes = kBlockN * kKvDim;            // 36,864: a raw e4m3 KV tile
-constexpr int kScaleTileBytes = kBlockN * 2 * 4;           // 512: its per-token scales
+constexpr int kScaleTileBytes = kBlockN * 2 * 4;           // 512: per-token scale factors of an e4m3 tile
 // Fixed cost of one split, in KV tiles (loading Q, writing the fp32 partial, combining it): the scheduler charges it
 // per sequence so that many short sequences are not spread thinner than they are worth.
 constexpr int kSplitOverhead = 4;
 constexpr int kSchedInts = 4;  // per CTA part: {first batch, first tile in it, tile count, split index of the first}
 
-// Shared memory plan (byte offsets from a 1024-aligned base; 1 KB of slack is requested for the alignment).
-// bf16 cache: Q, two KV stages, P, per-row softmax state. e4m3 cache: Q, one dequantized bf16 KV tile, P, two raw
-// e4m3 stages with their scales, per-row state.
+// Shared memory plan (byte offsets from a 1024-aligned base; 1 KB of slack is requested for the alignment): Q, two
+// bf16 KV stages, P, per-row softmax state. The e4m3 cache adds per-token scale factors for each stage and four
+// mbarriers (full[2], empty[2]) between the producer and the consumers; its bf16 stages hold the converted tiles.
 template <bool kFp8>
 struct Smem;
 template <>
 struct Smem<false> {
   static constexpr int kQ = 0, kKV = kTileBytes, kP = 3 * kTileBytes, kRow = kP + kColBlockBytes;
-  static constexpr int kStage = 0, kScale = 0;  // unused
+  static constexpr int kScale = 0, kBar = 0;  // unused
   static constexpr int kBytes = kRow + 3 * kBlockM * 4;
 };
 template <>
 struct Smem<true> {
-  static constexpr int kQ = 0, kKV = kTileBytes, kP = 2 * kTileBytes, kStage = kP + kColBlockBytes,
-                       kScale = kStage + 2 * kFp8TileBytes, kRow = kScale + 2 * kScaleTileBytes;
-  static constexpr int kBytes = kRow + 3 * kBlockM * 4;
+  static constexpr int kQ = 0, kKV = kTileBytes, kP = 3 * kTileBytes, kScale = kP + kColBlockBytes,
+                       kRow = kScale + 2 * kScaleTileBytes, kBar = kRow + 3 * kBlockM * 4;
+  static constexpr int kBytes = kBar + 4 * 8;
 };
 constexpr int kSmemSlack = 1024;
 static_assert(Smem<false>::kBytes + kSmemSlack <= 232448 && Smem<true>::kBytes + kSmemSlack <= 232448,
@@ -136,12 +143,22 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Four e4m3 values (little-endian in w) times `scale` -> four bf16 (two bf16x2). e4m3 -> f16 is exact.
-__device__ __forceinline__ uint2 fp8x4_to_bf16x4(uint32_t w, float scale) {
-  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
-  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
-  const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-  return make_uint2(pack_bf16x2(a.x * scale, a.y * scale), pack_bf16x2(b.x * scale, b.y * scale));
+// Four e4m3 values (little-endian in w) -> four bf16 (two bf16x2, low value in the low half) equal to the e4m3
+// values times 2^-112, exactly. e4m3 -> f16 is exact (one cvt per pair) and every finite e4m3 value lands on a
+// normal f16 or zero; moving the f16 exponent field (bias 15) and mantissa unchanged into the bf16 fields (bias 127)
+// is then exact too and divides by 2^112 (no rounding, no multiply; callers fold 2^112 into their fp32 scales).
+// The e4m3 NaN code becomes a finite value: the cache writer saturates, so it never stores one.
+__device__ __forceinline__ uint2 e4m3x4_to_bf16x4_pow2(uint32_t w) {
+  uint32_t lo, hi;
+  asm("{\n.reg .b16 l, h;\n"
+      "mov.b32 {l, h}, %2;\n"
+      "cvt.rn.f16x2.e4m3x2 %0, l;\n"
+      "cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+  lo = ((lo & 0x7FF87FF8u) >> 3) | (lo & 0x80008000u);
+  hi = ((hi & 0x7FF87FF8u) >> 3) | (hi & 0x80008000u);
+  return make_uint2(lo, hi);
 }
 
 // wgmma shared-memory descriptor of a 128-byte-swizzled operand. K-major (Q, K, P): 8-row groups 1024 bytes apart
