@@ -18,6 +18,8 @@
 // The consumers synchronize with __syncthreads (bf16 cache, 256 threads) or named barrier 1 (e4m3 cache: the producer
 // runs ahead on its own). At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence
 // has one split, else a normalized fp32 partial and its lse for decode_combine.cu.
+// Shapes with s_q * H <= kNarrowMaxRows (32) run decode_attention_narrow.cu instead (same schedule and outputs, MMAs
+// transposed so that no padded query rows are computed); DSV2_DECODE_NARROW=0 keeps them here.
 
 #include "../common/torch_cuda.h"
 
