@@ -1,6 +1,7 @@
 """GPU tests of the MLA decode kernel (csrc/mla/decode_*.cu) against the fp32 reference (``kernels("none")``): a grid
 over batch, s_q, lengths (zero, shorter than s_q, one page, many splits), heads (row blocks of 64, padded), page
-sizes and cache dtype, with random block tables, unused pages NaN-poisoned and unused table entries out of range;
+sizes and cache dtype (s_q * H <= 32 runs the narrow kernel; DSV2_DECODE_NARROW=0 forces the 64-row one), with
+random block tables, unused pages NaN-poisoned and unused table entries out of range;
 CUDA-graph replay with new lengths; direct torch.ops calls with bad metadata or bad values (value checks off: no
 crash, no out-of-bounds access; run under compute-sanitizer via tests/sanitize.sh)."""
 
@@ -66,6 +67,12 @@ GRID = [
     (2, 1, 128, [16384, 16384], 64),  # many splits per sequence
     (1, 2, 64, [16384], 32),
     (33, 1, 128, 2560, 16),
+    # s_q * H <= 32: the narrow kernel (N = 16 or 32 query columns; decode_attention_narrow.cu)
+    (6, 4, 8, [0, 1, 3, 20, 140, 4096], 32),  # 32 rows: empty, shorter than s_q, ragged
+    (5, 3, 5, [7, 64, 65, 0, 300], 48),  # 15 rows (N = 16), odd page size
+    (4, 1, 32, [16384, 5, 0, 3000], 128),  # 32 rows at s_q = 1, many splits, page 128
+    (3, 2, 12, [100, 1, 2000], 64),  # 24 rows: padded columns of N = 32
+    (2, 1, 16, [16384, 16384], 16),  # many splits per sequence, page 16
 ]
 
 
@@ -79,9 +86,10 @@ def test_decode_grid(batch, s_q, heads, lens, block_size, fp8):
     _check(*inputs, what=f"lens={seqlens[:8]}")
 
 
+@pytest.mark.parametrize("heads", [16, 8], ids=["H16", "H8-narrow"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode_not_causal_and_strided_q(fp8):
-    q, cache, scale, table, lens = _inputs([3, 0, 700, 64], 3, 16, 64, fp8, seed=5)
+def test_decode_not_causal_and_strided_q(fp8, heads):
+    q, cache, scale, table, lens = _inputs([3, 0, 700, 64], 3, heads, 64, fp8, seed=5)
     _check(q, cache, scale, table, lens, causal=False, what="non-causal")
     # Rows of q strided (a slice of a wider buffer): 16-byte aligned strides are read in place, others copied.
     for width in (640, 580):
@@ -90,12 +98,13 @@ def test_decode_not_causal_and_strided_q(fp8):
         _check(wide[..., :576], cache, scale, table, lens, what=f"q width {width}")
 
 
+@pytest.mark.parametrize("heads", [16, 8], ids=["H16", "H8-narrow"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode_per_request_query_lengths(fp8):
+def test_decode_per_request_query_lengths(fp8, heads):
     """Speculative decoding with a different number of new tokens n_b per request: each request's queries
     right-aligned in q [B, s_q_max] (padding rows first) give exactly what a call with s_q = n_b gives that request."""
     lens, new, s_max = [300, 7, 64, 1000, 2, 129], [3, 1, 4, 2, 2, 4], 4
-    q, cache, scale, table, seqlens = _inputs(lens, s_max, 16, 32, fp8, seed=12)
+    q, cache, scale, table, seqlens = _inputs(lens, s_max, heads, 32, fp8, seed=12)
     sm = mla.softmax_scale(192, V2_YARN)
     out, lse = mla.decode_attention(q, cache, scale, table, seqlens, sm, True)
     tol_o, tol_l = TOL[fp8]
@@ -107,17 +116,35 @@ def test_decode_per_request_query_lengths(fp8):
         assert_close(lse[b:b + 1, :, s_max - n:], want_l, atol=tol_l, rtol=0, what=f"lse of request {b}")
 
 
+# Narrow shapes (s_q * H <= 32) on both kernels: DSV2_DECODE_NARROW=0 sends them to the 64-row kernel (A/B).
+NARROW = [(128, 1, 16, 4096, 64), (128, 2, 16, [4096] * 128, 64), (8, 1, 32, 3000, 64), (6, 4, 8, 2000, 16)]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("batch, s_q, heads, lens, block_size", NARROW,
+                         ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-bs{c[4]}" for c in NARROW])
+def test_decode_narrow_shapes_both_kernels(batch, s_q, heads, lens, block_size, fp8, wide, monkeypatch):
+    if wide:
+        monkeypatch.setenv("DSV2_DECODE_NARROW", "0")
+    g = torch.Generator().manual_seed(batch * 5 + heads)
+    seqlens = _lengths(lens, batch, g)
+    inputs = _inputs(seqlens, s_q, heads, block_size, fp8, seed=batch + s_q)
+    _check(*inputs, what=f"{'wide' if wide else 'narrow'} lens={seqlens[:8]}")
+
+
 def test_decode_all_empty():
     q, cache, scale, table, lens = _inputs([0, 0, 0], 2, 16, 64, False, seed=6)
     out, lse = _check(q, cache, scale, table, lens)
     assert (out == 0).all() and (lse == float("inf")).all()
 
 
+@pytest.mark.parametrize("heads", [32, 16], ids=["H32", "H16-narrow"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode_cuda_graph_new_lengths(fp8):
+def test_decode_cuda_graph_new_lengths(fp8, heads):
     # The cache holds full pages (47, 1, 1, 16 of 64 tokens) so that every new length below reads written rows only;
     # the graph is captured with shorter lengths.
-    q, cache, scale, table, lens = _inputs([47 * 64, 64, 64, 16 * 64], 2, 32, 64, fp8, seed=7)
+    q, cache, scale, table, lens = _inputs([47 * 64, 64, 64, 16 * 64], 2, heads, 64, fp8, seed=7)
     lens.copy_(torch.tensor([3000, 5, 64, 1000], dtype=torch.int32))
     sm = 0.1
     mla.decode_attention(q, cache, scale, table, lens, sm, True)

@@ -18,17 +18,22 @@
 // The consumers synchronize with __syncthreads (bf16 cache, 256 threads) or named barrier 1 (e4m3 cache: the producer
 // runs ahead on its own). At the end of a sequence's run the CTA writes bf16 out and lse directly when the sequence
 // has one split, else a normalized fp32 partial and its lse for decode_combine.cu.
+// Shapes with s_q * H <= kNarrowMaxRows (32) run decode_attention_narrow.cu instead (same schedule and outputs, MMAs
+// transposed so that no padded query rows are computed); DSV2_DECODE_NARROW=0 keeps them here.
 
 #include "../common/torch_cuda.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../ops.h"
 #include "decode_common.cuh"
+#include "decode_kv.cuh"      // cursor, tile loads, e4m3 producer
 #include "prefill_common.cuh"  // mbarriers, named barriers, setmaxnreg
 
 namespace dsv2 {
@@ -43,122 +48,11 @@ using mla_prefill::named_bar_sync;
 using mla_prefill::setmaxnreg_dec;
 using mla_prefill::setmaxnreg_inc;
 
-// Position of the CTA in its part's run of tiles: sequence b, tile t in it, and the sequence's length and tile count.
-struct Cursor {
-  int b, t, len, n;
-  __device__ void set(const DecodeParams& p, int b_, int t_) {
-    b = b_;
-    t = t_;
-    len = clamp_len(__ldg(p.seqlens + b), p.max_len);
-    n = ceil_div(len, kBlockN);
-  }
-  // Next tile of the run, skipping empty sequences (which the schedule gives no tiles).
-  __device__ void advance(const DecodeParams& p) {
-    if (++t < n) return;
-    t = 0;
-    len = 0;
-    while (++b < p.batch) {
-      len = clamp_len(__ldg(p.seqlens + b), p.max_len);
-      if (len > 0) break;
-    }
-    n = ceil_div(len, kBlockN);
-  }
-};
-
-// Cache row of token `tok` of sequence b. Page indices are clamped into the cache: with value checks off, a bad
-// block-table entry gives a wrong answer, never an out-of-bounds read.
-__device__ __forceinline__ int64_t cache_row(const DecodeParams& p, int b, int tok) {
-  const int page = __ldg(p.block_table + b * p.bt_stride + tok / p.block_size);
-  return static_cast<int64_t>(min(max(page, 0), p.num_blocks - 1)) * p.block_size + tok % p.block_size;
-}
-
-// A [64 x 576] bf16 tile into the swizzled shared layout: 8 threads per row (one 128-byte segment per instruction,
-// one row per 8-lane shared-memory phase: conflict-free), 32 rows per pass.
-__device__ __forceinline__ void load_rows_bf16(uint32_t dst, const uint8_t* src, bool ok, int row) {
-  const int sub = threadIdx.x & 7;
-  const uint32_t d = dst + row * 128 + ((sub ^ (row & 7)) << 4);
-#pragma unroll
-  for (int k = 0; k < 9; ++k) cp_async_16(d + k * kColBlockBytes, src + (k * 8 + sub) * 16, ok);
-}
-
 __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int b, int m_block) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int row = (threadIdx.x >> 3) + 32 * half, r = m_block * kBlockM + row;
-    const bool ok = r < p.rows;  // padding rows are zero-filled
-    const int i = r / p.heads, h = r - i * p.heads;
-    const __nv_bfloat16* src = ok ? p.q + b * p.q_sb + i * p.q_ss + h * p.q_sh : p.q;
-    load_rows_bf16(dst, reinterpret_cast<const uint8_t*>(src), ok, row);
-  }
-}
-
-__device__ __forceinline__ void load_kv_bf16(const DecodeParams& p, uint32_t dst, const Cursor& c) {
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = (threadIdx.x >> 3) + 32 * half, tok = c.t * kBlockN + row;
-    const bool ok = tok < c.len;
-    const uint8_t* src = p.kv + (ok ? cache_row(p, c.b, tok) * (kKvDim * 2) : 0);
-    load_rows_bf16(dst, src, ok, row);
-  }
-}
-
-// ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
-// Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
-// part of a score relative to the c_kv part, f = s_c * 2^56 scales S and P columns. With the converted tile holding
-// e4m3 * 2^-112 (e4m3x4_to_bf16x4_pow2), S = (acc_c + r acc_pe) f carries a factor 2^-56 (folded into the log2 scale)
-// and O = sum P f V carries 2^-56 (folded into the final 1 / l). Tokens past the sequence end get {0, 0}.
-constexpr float kPow56 = 72057594037927936.f;  // 2^56
-
-// One producer thread's share of half a tile: row `row` (tokens 0-31 or 32-63), 16 bytes of each 64-byte column
-// group (9 x 16 bytes, raw e4m3), and the token's two scales.
-struct Fp8Half {
-  uint4 w[9];
-  float2 sc;
-};
-
-__device__ __forceinline__ uint4 ld_stream_16(const uint8_t* src) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(src));
-  return v;
-}
-
-// 4 threads per token row (64 contiguous bytes per row and instruction: whole sectors), tokens past the end zero.
-__device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h, const Cursor& c, int row, int sub) {
-  const int tok = c.t * kBlockN + row;
-  if (tok < c.len) {
-    const int64_t cr = cache_row(p, c.b, tok);
-    const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
-#pragma unroll
-    for (int k = 0; k < 9; ++k) h.w[k] = ld_stream_16(src + k * 64);
-    h.sc = __ldg(reinterpret_cast<const float2*>(p.kv_scale) + cr);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 9; ++k) h.w[k] = make_uint4(0, 0, 0, 0);
-    h.sc = make_float2(0.f, 0.f);
-  }
-}
-
-// Converted half-tile into the swizzled bf16 stage: 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and
-// 2 sub + 1 of column block k. A warp covers 8 consecutive rows: each 8-lane phase writes two rows x 4 even (or odd)
-// chunks, 8 distinct 16-byte bank groups after the swizzle.
-__device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
-  const uint32_t r = dst + row * 128;
-  const int x = row & 7;
-#pragma unroll
-  for (int k = 0; k < 9; ++k) {
-    const uint2 a = e4m3x4_to_bf16x4_pow2(h.w[k].x), b = e4m3x4_to_bf16x4_pow2(h.w[k].y);
-    const uint2 c = e4m3x4_to_bf16x4_pow2(h.w[k].z), d = e4m3x4_to_bf16x4_pow2(h.w[k].w);
-    st_shared_v4(r + k * kColBlockBytes + (((2 * sub) ^ x) << 4), a.x, a.y, b.x, b.y);
-    st_shared_v4(r + k * kColBlockBytes + (((2 * sub + 1) ^ x) << 4), c.x, c.y, d.x, d.y);
-  }
-  if (sub == 0) {
-    // Scales are positive by construction (amax floored); a zero c_kv scale (not a cache the writer produces)
-    // gives r = 0 rather than inf.
-    const float rr = h.sc.x > 0.f ? h.sc.y / h.sc.x : 0.f;
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr), "f"(h.sc.x * kPow56)
-                 : "memory");
+    const int row = (threadIdx.x >> 3) + 32 * half;
+    load_q_row(p, dst, b, m_block * kBlockM + row, row);
   }
 }
 
@@ -275,28 +169,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();  // the last CTA-wide barrier: consumers then sync among themselves (named barrier 1)
-    if (wg == 2) {
-      // ---- producer: tile j of the run -> bf16 stage j & 1, once the consumers released tile j - 2 there. The
-      // registers hold one tile (two halves: rows t / 4 and t / 4 + 32); a half's next tile is loaded as soon as
-      // its current one is stored, so one tile stays in flight while the consumers work on the previous ones.
+    if (wg == 2) {  // producer: see fp8_producer (decode_kv.cuh)
       setmaxnreg_dec<kProducerRegs>();
-      const int t = threadIdx.x - 2 * 128, sub = t & 3, row = t >> 2;
-      Fp8Half h0, h1;
-      load_fp8_half(p, h0, ld, row, sub);
-      load_fp8_half(p, h1, ld, row + 32, sub);
-      for (int j = 0; j < count; ++j) {
-        const int st = j & 1;
-        if (j >= 2) mbar_wait(bar_empty + 8 * st, ((j >> 1) - 1) & 1);
-        ld.advance(p);  // now tile j + 1
-        const bool more = j + 1 < count;
-        const uint32_t dst = base + L::kKV + st * kTileBytes, dst_scale = base + L::kScale + st * kScaleTileBytes;
-        store_fp8_half(h0, dst, dst_scale, row, sub);
-        if (more) load_fp8_half(p, h0, ld, row, sub);
-        store_fp8_half(h1, dst, dst_scale, row + 32, sub);
-        if (more) load_fp8_half(p, h1, ld, row + 32, sub);
-        fence_proxy_async();  // the stores, visible to the consumers' wgmma
-        mbar_arrive(bar_full + 8 * st);
-      }
+      fp8_producer<false>(p, ld, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
       return;
     }
     setmaxnreg_inc<kConsumerRegs>();
@@ -497,6 +372,13 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   cp_async_wait<0>();
 }
 
+// s_q * H <= kNarrowMaxRows goes to the narrow kernel (decode_attention_narrow.cu) unless DSV2_DECODE_NARROW=0 (A/B
+// comparisons, and tests of the 64-row kernel on narrow shapes). Read per call: cheap next to a launch.
+bool narrow_enabled() {
+  const char* v = std::getenv("DSV2_DECODE_NARROW");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 template <bool kFp8>
 void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
@@ -621,9 +503,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   launch_decode_metadata(p.seqlens, p.batch, p.max_len, parts, wsp, stream);
-  const dim3 grid(parts, m_blocks);
-  if (fp8) launch_decode<true>(p, grid, stream);
-  else launch_decode<false>(p, grid, stream);
+  if (rows <= kNarrowMaxRows && narrow_enabled()) {
+    launch_decode_narrow(p, fp8, parts, stream);  // m_blocks == 1
+  } else {
+    const dim3 grid(parts, m_blocks);
+    if (fp8) launch_decode<true>(p, grid, stream);
+    else launch_decode<false>(p, grid, stream);
+  }
   launch_decode_combine(p, stream);
   return {out, lse};
 }

@@ -103,6 +103,10 @@ __device__ __forceinline__ int clamp_len(int len, int max_len) { return min(max(
 // ---- host launchers of the helper kernels (decode_metadata.cu, decode_combine.cu) ----
 void launch_decode_metadata(const int* seqlens, int batch, int max_len, int parts, int* ws, cudaStream_t stream);
 void launch_decode_combine(const DecodeParams& p, cudaStream_t stream);
+// The narrow main kernel (decode_attention_narrow.cu) for s_q * H <= kNarrowMaxRows: grid = `parts` CTAs, one row
+// block; same schedule, outputs and partials as the 64-row kernel.
+constexpr int kNarrowMaxRows = 32;
+void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, cudaStream_t stream);
 
 // ---- sm_90a primitives -------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -127,6 +131,9 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_b16(uint32_t addr, __nv_bfloat16 v) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(__bfloat16_as_ushort(v)) : "memory");
 }
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
@@ -231,6 +238,39 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] for the narrow decode kernel (N = 16 or 32 query rows), both operands in
+// shared memory, B K-major; A K-major (kTransA = 0: the K tile for S^T = K Q^T) or MN-major (kTransA = 1: the V tile
+// read as V^T for O^T = V^T P^T).
+template <int kTransA>
+__device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
+}
+template <int kTransA>
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, %19, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
+}
+template <int kN, int kTransA>
+__device__ __forceinline__ void wgmma_m64nNk16_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(kN == 16 || kN == 32, "narrow wgmma: N = 16 or 32");
+  if constexpr (kN == 16) wgmma_m64n16k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n32k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
 }
 
 }  // namespace mla_decode

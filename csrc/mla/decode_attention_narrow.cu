@@ -1,0 +1,400 @@
+// MLA decode attention for narrow query blocks (s_q * H <= kNarrowMaxRows = 32), sm_90a. Same schedule, parameters,
+// outputs and split partials as decode_attention.cu (which launches this kernel for such shapes); only the math is
+// transposed so that the tensor cores stop computing padded query rows.
+//
+// The 64-row kernel pads s_q * H (16 at H = 16, s_q = 1) to the wgmma M of 64: 4x wasted tensor work, which made it
+// compute-bound even where only the cache bytes should count. Here the 64 tokens of a KV tile are the M dimension and
+// the query rows the N dimension (N = 16 or 32, rows padded with zero queries):
+//   * S^T [64 tokens x N] = K_tile [64 x 576] . Q^T: 36 wgmma m64nNk16 by warpgroup 0, A = the KV tile (K-major, as
+//     stored), B = Q [N x 576] (K-major: Q's rows as loaded, in column blocks of N * 128 bytes);
+//   * the online softmax runs per column (query row) over the accumulator rows (tokens): 2 tokens per thread, 8 lanes
+//     by shuffles, the 4 warps through a small shared-memory exchange (named barrier 2, warpgroup 0 only). Each
+//     thread keeps the running max of its N / 4 columns and a partial row sum over its own tokens (summed across the
+//     warpgroup only at the end of a sequence). P^T is written to shared memory as bf16 [N x 64 tokens] (K-major B);
+//   * O^T [512 x N] += V^T . P^T: each warpgroup owns 256 of the 512 value dims, 4 M-blocks x 4 k steps of wgmma
+//     m64nNk16 with A = the V part of the same tile read MN-major (trans-a), B = P^T. The accumulator is 2N registers
+//     per thread (32 or 64) instead of 128.
+// Loads are the 64-row kernel's: bf16 cache by all 256 threads with cp.async, two tiles ahead; e4m3 cache by the
+// producer warpgroup of decode_kv.cuh (exact e4m3 * 2^-112 conversion, per-token {r, f} scale slot), here with an L2
+// prefetch of the tile after next, since the faster consumers leave the producer's one-tile register pipeline as the
+// limit. The scale folding is the same: S rows (tokens) scaled by r between the k_pe and c_kv parts of S^T and by f
+// after, P^T columns (tokens) by f.
+// Every consumer thread arrives on the e4m3 stage's empty barrier itself (see notes/decode_race.md).
+
+#include "../common/torch_cuda.h"
+
+#include "decode_common.cuh"
+#include "decode_kv.cuh"       // cursor, tile loads, e4m3 producer
+#include "prefill_common.cuh"  // mbarriers, named barriers
+
+namespace dsv2 {
+namespace mla_decode {
+namespace {
+
+using mla_prefill::mbar_arrive;
+using mla_prefill::mbar_init;
+using mla_prefill::mbar_wait;
+using mla_prefill::named_bar_sync;
+
+// Shared memory plan (byte offsets from a 1024-aligned base): two bf16 KV stages, Q [kN x 576] (9 column blocks of
+// kN * 128 bytes, 1024-aligned as the swizzle needs), P^T [kN x 64], e4m3 scale slots, the column-max and row-sum
+// exchanges of warpgroup 0 ([4 warps][kN] each), per column alpha / final l / final m, e4m3 mbarriers full[2],
+// empty[2].
+template <bool kFp8, int kN>
+struct NarrowSmem {
+  static constexpr int kQBlock = kN * 128;
+  static constexpr int kKV = 0, kQ = 2 * kTileBytes, kP = kQ + 9 * kQBlock, kScale = kP + kQBlock;
+  static constexpr int kRed = kScale + (kFp8 ? 2 * kScaleTileBytes : 0), kRedL = kRed + 4 * kN * 4;
+  static constexpr int kAlpha = kRedL + 4 * kN * 4, kL = kAlpha + kN * 4, kM = kL + kN * 4;
+  static constexpr int kBar = kM + kN * 4;
+  static constexpr int kBytes = kBar + (kFp8 ? 4 * 8 : 0);
+  static_assert(kQ % 1024 == 0 && kP % 1024 == 0 && kBar % 8 == 0, "swizzled blocks need 1024-byte alignment");
+  static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
+};
+
+// Q rows 0..kN-1 of sequence b (rows >= p.rows zero-filled): 8 threads per row, threads 0 .. 8 kN - 1.
+template <int kN>
+__device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t dst, int b) {
+  if (threadIdx.x < kN * 8) {
+    const int row = threadIdx.x >> 3;
+    load_q_row(p, dst, b, row, row, kN * 128);
+  }
+}
+
+// S^T [64 x kN] (+)= K_tile[:, 16 kK0 .. 16 kK1) . Q^T over those columns, by one warpgroup (k step kk: 32 bytes into
+// column block kk / 4 of both operands).
+template <int kN, int kK0, int kK1>
+__device__ __forceinline__ void qk_narrow(float (&s)[kN / 2], uint32_t q, uint32_t kv, bool accumulate) {
+  fence_regs(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = kK0; kk < kK1; ++kk) {
+    const uint32_t kv_off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+    const uint32_t q_off = (kk >> 2) * (kN * 128) + (kk & 3) * 32;
+    wgmma_m64nNk16_ss<kN, 0>(s, smem_desc(kv + kv_off, 16), smem_desc(q + q_off, 16), accumulate || kk > kK0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+}
+
+// O^T[256 x kN] of this warpgroup (4 blocks of 64 dims) += V^T . P^T: A = V dims [64 mb, 64 mb + 64) of the
+// warpgroup's half (column block 4 wg + mb of the tile, tokens 16 kk.. at 2 KB per k step), B = P^T. With `restart`,
+// O = V^T P^T instead (whatever O held is discarded).
+template <int kN>
+__device__ __forceinline__ void pv_narrow(float (&o)[4][kN / 2], uint32_t sp, uint32_t v, bool restart) {
+#pragma unroll
+  for (int mb = 0; mb < 4; ++mb) fence_regs(o[mb]);
+  wgmma_fence();
+#pragma unroll
+  for (int mb = 0; mb < 4; ++mb) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_m64nNk16_ss<kN, 1>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
+                               smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int mb = 0; mb < 4; ++mb) fence_regs(o[mb]);
+}
+
+// Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
+// & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
+// rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
+// 4 j + 2 + e (row "hi" = lo + 8).
+template <bool kFp8, int kN>
+__global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(const __grid_constant__ DecodeParams p) {
+  using L = NarrowSmem<kFp8, kN>;
+  constexpr int kCols = kN / 4;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  float* red = reinterpret_cast<float*>(smem + L::kRed);
+  float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
+  float* s_alpha = reinterpret_cast<float*>(smem + L::kAlpha);
+  float* s_l = reinterpret_cast<float*>(smem + L::kL);
+  float* s_m = reinterpret_cast<float*>(smem + L::kM);
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
+  const uint32_t sq = base + L::kQ, sp = base + L::kP;
+
+  const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
+  const int count = sched.z;
+  if (count <= 0) return;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
+  const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
+  auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
+
+  Cursor cur, ld;
+  cur.set(p, sched.x, sched.y);
+  ld = cur;
+  int split = sched.w;
+
+  if constexpr (kFp8) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {
+        mbar_init(bar_full + 8 * st, 128);
+        mbar_init(bar_empty + 8 * st, kThreads);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // the last CTA-wide barrier: consumers then sync among themselves (named barrier 1)
+    // No setmaxnreg: 384 threads get 168 registers each, more than the producer or the narrow consumers need.
+    if (wg == 2) {
+      fp8_producer<true>(p, ld, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
+      return;
+    }
+  }
+
+  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld (bf16 cache)
+    load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
+    ld.advance(p);
+  };
+  // cp.async groups as in the 64-row kernel: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}],
+  // {tile k + 2}; at the top of step k "all but the newest group" is tile k and its Q. e4m3: Q loads only.
+  load_q_narrow<kN>(p, sq, cur.b);
+  if constexpr (!kFp8) {
+    issue_kv(0);
+    cp_async_commit();
+    if (count > 1) issue_kv(1);
+  }
+  cp_async_commit();
+
+  const float scale_log2 = kFp8 ? p.scale_log2 * kPow56 : p.scale_log2;
+  constexpr float kOutScale = kFp8 ? kPow56 : 1.f;
+
+  float o[4][kN / 2];
+#pragma unroll
+  for (int mb = 0; mb < 4; ++mb)
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+  // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, rescale factor.
+  float m[kCols], l[kCols], a[kCols];
+#pragma unroll
+  for (int jj = 0; jj < kCols; ++jj) {
+    m[jj] = -INFINITY;
+    l[jj] = 0.f;
+    a[jj] = 0.f;
+  }
+
+  for (int k = 0; k < count; ++k) {
+    const bool first = k == 0 || cur.t == 0;
+    const bool last = k == count - 1 || cur.t == cur.n - 1;
+    if constexpr (kFp8) {
+      cp_async_wait<0>();  // this thread's part of Q
+      fence_proxy_async();
+      mbar_wait(bar_full + 8 * (k & 1), (k >> 1) & 1);
+      named_bar_sync<kThreads>(1);  // Q ready; P^T and alpha of the previous tile consumed
+    } else {
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();  // tile k (and Q) ready for wgmma; P^T, alpha and the previous tile's buffers are free
+    }
+    if (first) {  // O restarts through the PV wgmma's scale-d = 0
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        m[jj] = -INFINITY;
+        l[jj] = 0.f;
+      }
+    }
+    const uint32_t kv = base + L::kKV + (k & 1) * kTileBytes;
+
+    if (wg == 0) {
+      float s[kN / 2];
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) s[i] = 0.f;
+      // e4m3: {r, f} of this thread's two tokens (the stage's scale slot).
+      float2 f_lo = make_float2(1.f, 1.f), f_hi = f_lo;
+      if constexpr (kFp8) {
+        const float2* fac = reinterpret_cast<const float2*>(smem + L::kScale + (k & 1) * kScaleTileBytes);
+        f_lo = fac[t_lo];
+        f_hi = fac[t_hi];
+        qk_narrow<kN, kVDim / 16, kKvDim / 16>(s, sq, kv, false);  // k_pe part, then scaled by r per token
+#pragma unroll
+        for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.x : f_lo.x;
+        qk_narrow<kN, 0, kVDim / 16>(s, sq, kv, true);
+#pragma unroll
+        for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.y : f_lo.y;
+      } else {
+        qk_narrow<kN, 0, kKvDim / 16>(s, sq, kv, false);
+      }
+      // Query row c = i * H + h sees tokens j < len - s_q + 1 + i when causal, else j < len. Masked before exp:
+      // tokens past the end were zero-filled, never read, so nothing non-finite is in S.
+      const int tok0 = cur.t * kBlockN;
+      const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
+      if (tok0 + kBlockN > vis0) {
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) {
+          const int e = p.causal ? min(cur.len, vis0 + col(jj) / p.heads) : cur.len;
+          const int i = 4 * (jj >> 1) + (jj & 1);
+          if (tok0 + t_lo >= e) s[i] = -INFINITY;
+          if (tok0 + t_hi >= e) s[i + 2] = -INFINITY;
+        }
+      }
+      // Column max over the 64 tokens: own 2, the 8 lanes of the same quad, then the 4 warps.
+      float mx[kCols];
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int i = 4 * (jj >> 1) + (jj & 1);
+        mx[jj] = fmaxf(s[i], s[i + 2]);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) mx[jj] = fmaxf(mx[jj], __shfl_xor_sync(0xffffffffu, mx[jj], off));
+      }
+      if (lane < 4) {
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
+      }
+      named_bar_sync<128>(2);
+      float u[kCols], sum[kCols];
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int c = col(jj);
+        const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+        // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
+        const float n = fmaxf(m[jj], w * scale_log2);
+        u[jj] = n == -INFINITY ? 0.f : n;
+        a[jj] = fast_exp2(m[jj] - u[jj]);
+        m[jj] = n;
+        sum[jj] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) {
+        const int jj = 2 * (i >> 2) + (i & 1);
+        s[i] = fast_exp2(fmaf(s[i], scale_log2, -u[jj]));
+        sum[jj] += s[i];
+      }
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) l[jj] = l[jj] * a[jj] + sum[jj];
+      // P^T [kN x 64 tokens] bf16, K-major swizzled (row c, 16-byte chunk tok / 8 at chunk (tok / 8) ^ (c % 8)).
+      // e4m3: each token's value factor f (the V tile holds unscaled e4m3 * 2^-112).
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) {
+        const int c = 8 * (i >> 2) + 2 * quad + (i & 1), tok = (i & 2) ? t_hi : t_lo;
+        float v = s[i];
+        if constexpr (kFp8) v *= (i & 2) ? f_hi.y : f_lo.y;
+        st_shared_b16(sp + c * 128 + (((tok >> 3) ^ (c & 7)) << 4) + (tok & 7) * 2, __float2bfloat16_rn(v));
+      }
+      if (warp == 0 && lane < 4) {
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) s_alpha[col(jj)] = a[jj];
+      }
+      if (last) {  // the sequence's row sums over all 64 x (its tiles) tokens, and its max, for the output
+        float t[kCols];
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) {
+          t[jj] = l[jj];
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
+        }
+        if (lane < 4) {
+#pragma unroll
+          for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
+        }
+        named_bar_sync<128>(2);
+        if (warp == 0 && lane < 4) {
+#pragma unroll
+          for (int jj = 0; jj < kCols; ++jj) {
+            const int c = col(jj);
+            s_l[c] = (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
+            s_m[c] = m[jj];
+          }
+        }
+      }
+      fence_proxy_async();  // P^T, for the PV wgmma of both warpgroups
+    }
+    // P^T and alpha written; S^T done, so Q is free
+    if constexpr (kFp8) named_bar_sync<kThreads>(1);
+    else __syncthreads();
+
+    Cursor next = cur;
+    next.advance(p);
+    if (last && k + 1 < count) {
+      load_q_narrow<kN>(p, sq, next.b);
+      cp_async_commit();
+    }
+    if (wg == 1) {
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) a[jj] = s_alpha[col(jj)];
+    }
+#pragma unroll
+    for (int mb = 0; mb < 4; ++mb)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
+    pv_narrow<kN>(o, sp, kv + wg * 4 * kColBlockBytes, first);
+
+    if constexpr (kFp8) {
+      // Stage k & 1 read (scale slot by WG0 before the middle barrier, V just now): every thread releases its own
+      // reads. P^T, alpha and the exchanges: the next top barrier.
+      mbar_arrive(bar_empty + 8 * (k & 1));
+    } else {
+      __syncthreads();  // both warpgroups done with tile k and P^T
+      if (k + 2 < count) issue_kv(k + 2);
+      cp_async_commit();
+    }
+
+    if (last) {
+      const int ns = __ldg(p.nsplit + cur.b);
+      const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int c = col(jj);
+        if (c >= p.rows) continue;
+        const float lc = s_l[c], mc = s_m[c];
+        const float inv = lc > 0.f ? kOutScale / lc : 0.f;
+        const float lse = lc > 0.f ? mc * 0.69314718055994531f + logf(lc) : (ns == 1 ? INFINITY : -INFINITY);
+        const int d0 = wg * 256 + t_lo;  // dims d0 + 64 mb + 8 h
+        const int i0 = 4 * (jj >> 1) + (jj & 1);
+        if (ns == 1) {
+          __nv_bfloat16* dst = p.out + (static_cast<int64_t>(cur.b) * p.rows + c) * kVDim + d0;
+#pragma unroll
+          for (int mb = 0; mb < 4; ++mb) {
+            dst[64 * mb] = __float2bfloat16_rn(o[mb][i0] * inv);
+            dst[64 * mb + 8] = __float2bfloat16_rn(o[mb][i0 + 2] * inv);
+          }
+          if (wg == 0 && warp == 0 && lane < 4) {
+            const int i = c / p.heads, h = c - i * p.heads;
+            p.lse[(static_cast<int64_t>(cur.b) * p.heads + h) * p.s_q + i] = lse;
+          }
+        } else {
+          float* dst = p.o_part + (slot * p.rows + c) * kVDim + d0;
+#pragma unroll
+          for (int mb = 0; mb < 4; ++mb) {
+            dst[64 * mb] = o[mb][i0] * inv;
+            dst[64 * mb + 8] = o[mb][i0 + 2] * inv;
+          }
+          if (wg == 0 && warp == 0 && lane < 4) p.lse_part[slot * p.rows + c] = lse;
+        }
+      }
+      split = 0;  // later sequences of the run start with their first split
+    }
+    cur = next;
+  }
+  cp_async_wait<0>();
+}
+
+template <bool kFp8, int kN>
+void launch_narrow(const DecodeParams& p, int parts, cudaStream_t stream) {
+  constexpr int smem = NarrowSmem<kFp8, kN>::kBytes + kSmemSlack;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(decode_narrow_kernel<kFp8, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  decode_narrow_kernel<kFp8, kN><<<parts, kCtaThreads<kFp8>, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, cudaStream_t stream) {
+  TORCH_CHECK(p.rows >= 1 && p.rows <= kNarrowMaxRows, "decode_attention: narrow kernel needs s_q * H <= ",
+              kNarrowMaxRows);
+  if (p.rows <= 16) {
+    if (fp8) launch_narrow<true, 16>(p, parts, stream);
+    else launch_narrow<false, 16>(p, parts, stream);
+  } else {
+    if (fp8) launch_narrow<true, 32>(p, parts, stream);
+    else launch_narrow<false, 32>(p, parts, stream);
+  }
+}
+
+}  // namespace mla_decode
+}  // namespace dsv2

@@ -1,0 +1,185 @@
+// KV-side device pieces shared by the two MLA decode kernels (decode_attention.cu: 64 query rows per CTA;
+// decode_attention_narrow.cu: H * s_q <= 32 rows, transposed MMAs): the run cursor over a CTA part's tiles, the paged
+// row lookup, the bf16 tile and Q loads into the swizzled shared layout, and the e4m3 producer warpgroup that streams
+// raw rows and converts them into bf16 stages (see decode_attention.cu for the scale folding it relies on).
+#pragma once
+
+#include "decode_common.cuh"
+#include "prefill_common.cuh"  // mbarriers
+
+namespace dsv2 {
+namespace mla_decode {
+
+// Position of the CTA in its part's run of tiles: sequence b, tile t in it, and the sequence's length and tile count.
+struct Cursor {
+  int b, t, len, n;
+  __device__ void set(const DecodeParams& p, int b_, int t_) {
+    b = b_;
+    t = t_;
+    len = clamp_len(__ldg(p.seqlens + b), p.max_len);
+    n = ceil_div(len, kBlockN);
+  }
+  // Next tile of the run, skipping empty sequences (which the schedule gives no tiles).
+  __device__ void advance(const DecodeParams& p) {
+    if (++t < n) return;
+    t = 0;
+    len = 0;
+    while (++b < p.batch) {
+      len = clamp_len(__ldg(p.seqlens + b), p.max_len);
+      if (len > 0) break;
+    }
+    n = ceil_div(len, kBlockN);
+  }
+};
+
+// Cache row of token `tok` of sequence b. Page indices are clamped into the cache: with value checks off, a bad
+// block-table entry gives a wrong answer, never an out-of-bounds read.
+__device__ __forceinline__ int64_t cache_row(const DecodeParams& p, int b, int tok) {
+  const int page = __ldg(p.block_table + b * p.bt_stride + tok / p.block_size);
+  return static_cast<int64_t>(min(max(page, 0), p.num_blocks - 1)) * p.block_size + tok % p.block_size;
+}
+
+// One 576-column bf16 row into the swizzled shared layout (column blocks `cb_bytes` apart: 8 KB for 64-row tiles,
+// N * 128 for the narrow kernel's N-row Q): 8 threads per row, one 128-byte segment per instruction, one row per
+// 8-lane shared-memory phase (conflict-free).
+__device__ __forceinline__ void load_rows_bf16(uint32_t dst, const uint8_t* src, bool ok, int row,
+                                               int cb_bytes = kColBlockBytes) {
+  const int sub = threadIdx.x & 7;
+  const uint32_t d = dst + row * 128 + ((sub ^ (row & 7)) << 4);
+#pragma unroll
+  for (int k = 0; k < 9; ++k) cp_async_16(d + k * cb_bytes, src + (k * 8 + sub) * 16, ok);
+}
+
+// Q row r (= i * H + h, zero-filled when r >= p.rows) of sequence b into shared row `row`.
+__device__ __forceinline__ void load_q_row(const DecodeParams& p, uint32_t dst, int b, int r, int row,
+                                           int cb_bytes = kColBlockBytes) {
+  const bool ok = r < p.rows;
+  const int i = r / p.heads, h = r - i * p.heads;
+  const __nv_bfloat16* src = ok ? p.q + b * p.q_sb + i * p.q_ss + h * p.q_sh : p.q;
+  load_rows_bf16(dst, reinterpret_cast<const uint8_t*>(src), ok, row, cb_bytes);
+}
+
+// A [64 x 576] bf16 KV tile by 256 threads (32 rows per pass); tokens past the sequence end are zero-filled, never
+// read (unused pages may hold NaN).
+__device__ __forceinline__ void load_kv_bf16(const DecodeParams& p, uint32_t dst, const Cursor& c) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = (threadIdx.x >> 3) + 32 * half, tok = c.t * kBlockN + row;
+    const bool ok = tok < c.len;
+    const uint8_t* src = p.kv + (ok ? cache_row(p, c.b, tok) * (kKvDim * 2) : 0);
+    load_rows_bf16(dst, src, ok, row);
+  }
+}
+
+// ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
+// Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
+// part of a score relative to the c_kv part, f = s_c * 2^56 scales S and P for that token. With the converted tile
+// holding e4m3 * 2^-112 (e4m3x4_to_bf16x4_pow2), S = (acc_c + r acc_pe) f carries a factor 2^-56 (folded into the
+// log2 scale) and O = sum P f V carries 2^-56 (folded into the final 1 / l). Tokens past the sequence end get {0, 0}.
+constexpr float kPow56 = 72057594037927936.f;  // 2^56
+
+// One producer thread's share of half a tile: row `row` (tokens 0-31 or 32-63), 16 bytes of each 64-byte column
+// group (9 x 16 bytes, raw e4m3), and the token's two scales.
+struct Fp8Half {
+  uint4 w[9];
+  float2 sc;
+};
+
+__device__ __forceinline__ uint4 ld_stream_16(const uint8_t* src) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
+}
+
+// 4 threads per token row (64 contiguous bytes per row and instruction: whole sectors), tokens past the end zero.
+__device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h, const Cursor& c, int row, int sub) {
+  const int tok = c.t * kBlockN + row;
+  if (tok < c.len) {
+    const int64_t cr = cache_row(p, c.b, tok);
+    const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
+#pragma unroll
+    for (int k = 0; k < 9; ++k) h.w[k] = ld_stream_16(src + k * 64);
+    h.sc = __ldg(reinterpret_cast<const float2*>(p.kv_scale) + cr);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 9; ++k) h.w[k] = make_uint4(0, 0, 0, 0);
+    h.sc = make_float2(0.f, 0.f);
+  }
+}
+
+// Converted half-tile into the swizzled bf16 stage: 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and
+// 2 sub + 1 of column block k. A warp covers 8 consecutive rows: each 8-lane phase writes two rows x 4 even (or odd)
+// chunks, 8 distinct 16-byte bank groups after the swizzle.
+__device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
+  const uint32_t r = dst + row * 128;
+  const int x = row & 7;
+#pragma unroll
+  for (int k = 0; k < 9; ++k) {
+    const uint2 a = e4m3x4_to_bf16x4_pow2(h.w[k].x), b = e4m3x4_to_bf16x4_pow2(h.w[k].y);
+    const uint2 c = e4m3x4_to_bf16x4_pow2(h.w[k].z), d = e4m3x4_to_bf16x4_pow2(h.w[k].w);
+    st_shared_v4(r + k * kColBlockBytes + (((2 * sub) ^ x) << 4), a.x, a.y, b.x, b.y);
+    st_shared_v4(r + k * kColBlockBytes + (((2 * sub + 1) ^ x) << 4), c.x, c.y, d.x, d.y);
+  }
+  if (sub == 0) {
+    // Scales are positive by construction (amax floored); a zero c_kv scale (not a cache the writer produces)
+    // gives r = 0 rather than inf.
+    const float rr = h.sc.x > 0.f ? h.sc.y / h.sc.x : 0.f;
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr), "f"(h.sc.x * kPow56)
+                 : "memory");
+  }
+}
+
+// Asks L2 for token `row` of the tile at cursor c (its 576 raw bytes and its scales), if the token exists. A hint:
+// the producer's register loads of that tile then find it in L2 instead of waiting for HBM.
+__device__ __forceinline__ void prefetch_fp8_row(const DecodeParams& p, const Cursor& c, int row) {
+  const int tok = c.t * kBlockN + row;
+  if (tok >= c.len) return;
+  const int64_t cr = cache_row(p, c.b, tok);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p.kv + cr * kKvDim), "n"(kKvDim) : "memory");
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.kv_scale + 2 * cr) : "memory");
+}
+
+// The producer warpgroup's loop (its 128 threads; `ld` at the run's first tile): tile j of the run -> bf16 stage
+// j & 1 (at kv0 + (j & 1) * kTileBytes, scales at scale0 + (j & 1) * kScaleTileBytes), once the consumers released
+// tile j - 2 there (mbarrier empty[j & 1], then full[j & 1] from all 128 threads). The registers hold one tile (two
+// halves: rows t / 4 and t / 4 + 32); a half's next tile is loaded as soon as its current one is stored, so one tile
+// stays in flight while the consumers work on the previous ones. With kPrefetch, tile j + 2 is also requested into
+// L2 (one row per thread of the first 64) once tile j is handed over: a second tile in flight that costs neither
+// registers nor shared memory.
+template <bool kPrefetch>
+__device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, int count, uint32_t kv0,
+                                             uint32_t scale0, uint32_t bar_full, uint32_t bar_empty) {
+  using mla_prefill::mbar_arrive;
+  using mla_prefill::mbar_wait;
+  const int t = threadIdx.x & 127, sub = t & 3, row = t >> 2;
+  Fp8Half h0, h1;
+  load_fp8_half(p, h0, ld, row, sub);
+  load_fp8_half(p, h1, ld, row + 32, sub);
+  Cursor pf = ld;
+  if constexpr (kPrefetch) {  // after tile 0's loads: the prefetch waits for its block-table entry
+    pf.advance(p);            // tile 1
+    if (count > 1 && t < kBlockN) prefetch_fp8_row(p, pf, t);
+  }
+  for (int j = 0; j < count; ++j) {
+    const int st = j & 1;
+    if (j >= 2) mbar_wait(bar_empty + 8 * st, ((j >> 1) - 1) & 1);
+    ld.advance(p);  // now tile j + 1
+    const bool more = j + 1 < count;
+    const uint32_t dst = kv0 + st * kTileBytes, dst_scale = scale0 + st * kScaleTileBytes;
+    store_fp8_half(h0, dst, dst_scale, row, sub);
+    if (more) load_fp8_half(p, h0, ld, row, sub);
+    store_fp8_half(h1, dst, dst_scale, row + 32, sub);
+    if (more) load_fp8_half(p, h1, ld, row + 32, sub);
+    fence_proxy_async();  // the stores, visible to the consumers' wgmma
+    mbar_arrive(bar_full + 8 * st);
+    if constexpr (kPrefetch) {
+      pf.advance(p);  // tile j + 2
+      if (j + 2 < count && t < kBlockN) prefetch_fp8_row(p, pf, t);
+    }
+  }
+}
+
+}  // namespace mla_decode
+}  // namespace dsv2
