@@ -147,6 +147,11 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   // arrive: stage s read).
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
 
+  // Programmatic dependent of the metadata kernel (common/pdl.cuh): no global access above. After the wait the
+  // schedule, and everything the kernels before the metadata kernel wrote (cache, lengths, q), is visible. The
+  // combine kernel may then be queued: its CTAs fit only on SMs this grid has left, and wait for its completion.
+  griddep_wait();
+  griddep_launch_dependents();
   const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
   const int count = sched.z;
   if (count <= 0) return;
@@ -380,10 +385,10 @@ bool narrow_enabled() {
 }
 
 template <bool kFp8>
-void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+void launch_decode(const DecodeParams& p, dim3 grid, bool programmatic, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
   C10_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  decode_kernel<kFp8><<<grid, kCtaThreads<kFp8>, smem, stream>>>(p);
+  launch_kernel(programmatic, decode_kernel<kFp8>, grid, dim3(kCtaThreads<kFp8>), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -502,15 +507,18 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   p.causal = causal ? 1 : 0;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
+  // metadata -> main -> combine, the last two as programmatic dependents (also under CUDA-graph capture): each
+  // starts while its predecessor finishes. A kernel launched with `pdl` must griddep_wait() before any global access.
+  const bool pdl = programmatic_launch_ok(stream, /*allow_capture=*/true);
   launch_decode_metadata(p.seqlens, p.batch, p.max_len, parts, wsp, stream);
   if (rows <= kNarrowMaxRows && narrow_enabled()) {
-    launch_decode_narrow(p, fp8, parts, stream);  // m_blocks == 1
+    launch_decode_narrow(p, fp8, parts, pdl, stream);  // m_blocks == 1
   } else {
     const dim3 grid(parts, m_blocks);
-    if (fp8) launch_decode<true>(p, grid, stream);
-    else launch_decode<false>(p, grid, stream);
+    if (fp8) launch_decode<true>(p, grid, pdl, stream);
+    else launch_decode<false>(p, grid, pdl, stream);
   }
-  launch_decode_combine(p, stream);
+  launch_decode_combine(p, pdl, stream);
   return {out, lse};
 }
 

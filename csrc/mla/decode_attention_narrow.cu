@@ -118,6 +118,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
   const uint32_t sq = base + L::kQ, sp = base + L::kP;
 
+  // Programmatic dependent of the metadata kernel, as the 64-row kernel (decode_attention.cu): no global access above.
+  griddep_wait();
+  griddep_launch_dependents();
   const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
   const int count = sched.z;
   if (count <= 0) return;
@@ -374,25 +377,25 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
 }
 
 template <bool kFp8, int kN>
-void launch_narrow(const DecodeParams& p, int parts, cudaStream_t stream) {
+void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStream_t stream) {
   constexpr int smem = NarrowSmem<kFp8, kN>::kBytes + kSmemSlack;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(decode_narrow_kernel<kFp8, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  decode_narrow_kernel<kFp8, kN><<<parts, kCtaThreads<kFp8>, smem, stream>>>(p);
+  launch_kernel(programmatic, decode_narrow_kernel<kFp8, kN>, dim3(parts), dim3(kCtaThreads<kFp8>), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, cudaStream_t stream) {
+void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool programmatic, cudaStream_t stream) {
   TORCH_CHECK(p.rows >= 1 && p.rows <= kNarrowMaxRows, "decode_attention: narrow kernel needs s_q * H <= ",
               kNarrowMaxRows);
   if (p.rows <= 16) {
-    if (fp8) launch_narrow<true, 16>(p, parts, stream);
-    else launch_narrow<false, 16>(p, parts, stream);
+    if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
+    else launch_narrow<false, 16>(p, parts, programmatic, stream);
   } else {
-    if (fp8) launch_narrow<true, 32>(p, parts, stream);
-    else launch_narrow<false, 32>(p, parts, stream);
+    if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);
+    else launch_narrow<false, 32>(p, parts, programmatic, stream);
   }
 }
 

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "../common/pdl.cuh"
+
 namespace dsv2 {
 namespace mla_decode {
 
@@ -80,18 +82,17 @@ struct DecodeParams {
   float scale_log2;        // softmax_scale * log2(e)
 };
 
-// The int32 workspace written by the scheduler: offsets (in ints) of its arrays.
+// The int32 workspace written by the scheduler: offsets (in ints) of its arrays. tile_prefix and cost_prefix are its
+// scratch where they do not fit its shared memory (large batches).
 struct SchedLayout {
-  int64_t sched, nsplit, cu_partial, tile_prefix, cost_prefix, part_start, first_part, total;
+  int64_t sched, nsplit, cu_partial, tile_prefix, cost_prefix, total;
   __host__ __device__ SchedLayout(int batch, int parts) {
     sched = 0;
     nsplit = sched + int64_t(parts) * kSchedInts;
     cu_partial = nsplit + batch;
     tile_prefix = cu_partial + batch + 1;
     cost_prefix = tile_prefix + batch + 1;
-    part_start = cost_prefix + batch + 1;
-    first_part = part_start + parts + 1;
-    total = first_part + batch;
+    total = cost_prefix + batch + 1;
   }
 };
 
@@ -102,11 +103,12 @@ __device__ __forceinline__ int clamp_len(int len, int max_len) { return min(max(
 
 // ---- host launchers of the helper kernels (decode_metadata.cu, decode_combine.cu) ----
 void launch_decode_metadata(const int* seqlens, int batch, int max_len, int parts, int* ws, cudaStream_t stream);
-void launch_decode_combine(const DecodeParams& p, cudaStream_t stream);
+// Combine: `programmatic` launches it as a programmatic dependent of the main kernel (common/pdl.cuh).
+void launch_decode_combine(const DecodeParams& p, bool programmatic, cudaStream_t stream);
 // The narrow main kernel (decode_attention_narrow.cu) for s_q * H <= kNarrowMaxRows: grid = `parts` CTAs, one row
-// block; same schedule, outputs and partials as the 64-row kernel.
+// block; same schedule, outputs and partials as the 64-row kernel; `programmatic` as for the 64-row kernel.
 constexpr int kNarrowMaxRows = 32;
-void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, cudaStream_t stream);
+void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool programmatic, cudaStream_t stream);
 
 // ---- sm_90a primitives -------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

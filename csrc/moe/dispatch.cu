@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../common/pdl.cuh"
 #include "../common/vec.cuh"
 #include "../fp8/quant_common.cuh"
 #include "../ops.h"
@@ -86,9 +87,6 @@ struct Params {
   int stage_bytes;   // bytes per stage (a multiple of 128)
   int stages;        // pipeline stages
 };
-
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 __device__ __forceinline__ int valid_expert(int e, int num_experts) { return e >= 0 && e < num_experts ? e : -1; }
 
@@ -844,21 +842,7 @@ void check_dispatch(const char* op, const at::Tensor& hidden, const at::Tensor& 
 
 template <typename Kernel, typename... Args>
 void launch_dependent(bool programmatic, Kernel kernel, unsigned grid, cudaStream_t stream, Args... args) {
-  if (programmatic) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, args...) == cudaSuccess) return;
-    (void)cudaGetLastError();  // not supported here: an ordinary launch below
-  }
-  kernel<<<grid, kThreads, 0, stream>>>(args...);
+  launch_kernel(programmatic, kernel, dim3(grid), dim3(kThreads), 0, stream, args...);
 }
 
 // Sizes dispatch_coop_kernel for p and launches it cooperatively on `stream`; false (nothing launched) where it does
@@ -978,12 +962,7 @@ void launch(Params& p, bool quant_fp8, int64_t tokens, at::Tensor& chunk_hist_bu
   // Programmatic launches put the three kernels in flight together (the copy kernel's loads overlap the count and
   // rank kernels). Not while a CUDA graph is being captured: an ordinary edge there is certain to capture on every
   // driver.
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusActive;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
-    (void)cudaGetLastError();
-    capture = cudaStreamCaptureStatusActive;
-  }
-  const bool programmatic = capture == cudaStreamCaptureStatusNone;
+  const bool programmatic = programmatic_launch_ok(stream, /*allow_capture=*/false);
   launch_dependent(programmatic, dispatch_rank_kernel<kMasked>, static_cast<unsigned>(chunks), stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (quant_fp8)
