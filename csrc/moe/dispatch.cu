@@ -21,8 +21,8 @@
 //     in place in shared memory (the first tile between the barrier's arrive and wait), 8 lanes per 128-group; those
 //     8 lanes store the group's scale to the k destinations, one slot each. The quantizing warps are not warp 0:
 //     they hand each quantized tile to it through an mbarrier, so quantizing tile i + 1 overlaps the stores of tile
-//     i even while warp 0 is blocked on the TMA (a lock-step loop ran the fp8 stores ~1.5x slower than bf16's per
-//     byte). (The previous design, three kernels
+//     i even while warp 0 is blocked on the TMA (with the whole CTA in lock-step, the measured fp8 store phase moved
+//     bytes ~1.5x slower than bf16's: each tile cost its store drain plus its quantize). (The previous design, three kernels
 //     count -> rank -> copy chained by programmatic launch, still started storing only after two grid completions,
 //     and its register-tiled copy did not overlap reads with writes within a CTA.)
 //   * beyond, and where the cooperative kernel does not fit (rows too long for two stages, no cooperative launch):
