@@ -19,10 +19,7 @@
 //     then warp 0 issues one TMA bulk store per copy (a whole row, shared -> global: no registers, a few
 //     instructions per row) and refills each stage as soon as its stores have read it. FP8 quantizes each tile once,
 //     in place in shared memory (the first tile between the barrier's arrive and wait), 8 lanes per 128-group; those
-//     8 lanes store the group's scale to the k destinations, one slot each. The quantizing warps are not warp 0:
-//     they hand each quantized tile to it through an mbarrier, so quantizing tile i + 1 overlaps the stores of tile
-//     i even while warp 0 is blocked on the TMA (with the whole CTA in lock-step, the measured fp8 store phase moved
-//     bytes ~1.5x slower than bf16's: each tile cost its store drain plus its quantize). (The previous design, three kernels
+//     8 lanes store the group's scale to the k destinations, one slot each. (The previous design, three kernels
 //     count -> rank -> copy chained by programmatic launch, still started storing only after two grid completions,
 //     and its register-tiled copy did not overlap reads with writes within a CTA.)
 //   * beyond, and where the cooperative kernel does not fit (rows too long for two stages, no cooperative launch):
@@ -438,14 +435,8 @@ constexpr int kCoopThreads = 512;  // one CTA per SM: its shared memory is the r
 constexpr int kCoopWarps = kCoopThreads / 32;
 constexpr int kMaxStages = 8;
 constexpr int kStageTarget = 32 * 1024;  // bf16 row bytes per pipeline stage aimed at
-constexpr int kQuantWarps = kCoopWarps - 1;  // fp8: warps 1.. quantize; warp 0 only feeds the TMA
-constexpr int kQuantThreads = kQuantWarps * 32;
-constexpr int kCoopMaxItems = 4;         // fp8: 16-value items per quantizer thread per stage
-// Flat copies per rank chunk aimed at. Small: before the grid barrier a CTA counts the ids of its chunk that precede
-// its own range (~kChunkCopies / 2 on average, shared atomics on the critical path); after it, the chunks x E cells
-// are summed in one batch of loads (kSumBatch per thread; launch_coop keeps them within one batch).
-constexpr int kChunkCopies = 1024;
-constexpr int kSumBatch = 16;
+constexpr int kCoopMaxItems = 4;         // fp8: 16-value items per thread per stage
+constexpr int kChunkCopies = 4096;       // flat copies per rank chunk aimed at
 // Copies up to which the cooperative kernel runs (beyond: the count -> rank -> copy kernels). Measured on the H200
 // (bench_moe): at T = 4096 x top-6 it beats the three kernels (V2 bf16 79.9 vs 74.2 % of copy, fp8 60.8 vs ~55 %),
 // at T = 16384 it loses (V2 bf16 76.5 vs 84.8 %, fp8 42.7 vs 61 %: one 512-thread CTA per SM with a single shared
@@ -489,25 +480,17 @@ __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-// A CTA barrier of the quantizer warps only (warp 0 never waits for them, nor they for it).
-__device__ __forceinline__ void quant_bar_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kQuantThreads) : "memory"); }
 
-// FP8, the quantizer warps (1..kQuantWarps) only: quantize the n bf16 rows of a stage in place, each row's e4m3
-// values to the front of the stage (row r at r * H bytes), ready for bulk stores; sc[j] keeps the scale of item
-// j * kQuantThreads + qt (qt = tid - 32: 16 values of one row, the 8 lanes qt ^ {1..7} & 7 sharing a 128-group).
-// Each warp then arrives on `done` (kQuantWarps arrivals complete its phase) once its e4m3 values are visible to the
-// async proxy: warp 0 waits on it and stores the rows, while these warps go on to the scales and the next tile.
-__device__ __forceinline__ void quantize_stage(uint8_t* st, int n, int H, float (&sc)[kCoopMaxItems], uint64_t* done) {
-  const int qt = static_cast<int>(threadIdx.x) - 32;
+// FP8, all threads: quantize the n bf16 rows of a stage in place, each row's e4m3 values to the front of the stage
+// (row r at r * H bytes), ready for bulk stores; sc[j] keeps the scale of item j * kCoopThreads + tid (16 values of
+// one row, the 8 lanes tid ^ {1..7} & 7 sharing a 128-group). Ends synchronized.
+__device__ __forceinline__ void quantize_stage(uint8_t* st, int n, int H, float (&sc)[kCoopMaxItems]) {
   const int units = H / 16, items = n * units;
   uint4 q[kCoopMaxItems];
 #pragma unroll
   for (int j = 0; j < kCoopMaxItems; ++j) {
-    if (j * kQuantThreads < items) {  // uniform: every lane takes part in the group's shuffles
-      const int i = j * kQuantThreads + qt;
+    if (j * kCoopThreads < items) {  // CTA-uniform: every lane takes part in the group's shuffles
+      const int i = j * kCoopThreads + static_cast<int>(threadIdx.x);
       uint4 a = make_uint4(0, 0, 0, 0), b = a;
       if (i < items) {
         const int r = i / units, u = i - r * units;
@@ -518,18 +501,17 @@ __device__ __forceinline__ void quantize_stage(uint8_t* st, int n, int H, float 
       q[j] = quantize16(a, b, sc[j]);
     }
   }
-  quant_bar_sync();  // every bf16 value is read before the e4m3 rows overwrite the front of the stage
+  __syncthreads();  // every bf16 value is read before the e4m3 rows overwrite the front of the stage
 #pragma unroll
   for (int j = 0; j < kCoopMaxItems; ++j) {
-    const int i = j * kQuantThreads + qt;
+    const int i = j * kCoopThreads + static_cast<int>(threadIdx.x);
     if (i < items) {
       const int r = i / units, u = i - r * units;
       reinterpret_cast<uint4*>(st + static_cast<int64_t>(r) * H)[u] = q[j];
     }
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk stores (async proxy)
-  __syncwarp();
-  if ((threadIdx.x & 31) == 0) mbar_arrive(done);
+  __syncthreads();
 }
 
 // One CTA per SM (cooperative launch: all resident), CTA b owning tokens [b T / G, (b + 1) T / G), processed in
@@ -538,19 +520,15 @@ __device__ __forceinline__ void quantize_stage(uint8_t* st, int n, int H, float 
 //      rank chunk (chunk_ctas consecutive CTAs) before its own range, and ranks its own copies in flat order (each
 //      warp a slice: match_any per 32 copies, per-warp counters, then an exclusive prefix over the warps). The last
 //      CTA of a chunk publishes the chunk's histogram.
-//   2. One grid barrier (split: fp8's quantizer warps quantize the first tile between arrive and wait). Each CTA
-//      then adds the histograms of the chunks before its own (and of all, for the offsets): token_row of its copies,
-//      a slice of row_expert, offsets / counts (CTA 0).
+//   2. One grid barrier (split: fp8 quantizes its first tile between arrive and wait). Each CTA then adds the
+//      histograms of the chunks before its own (and of all, for the offsets): token_row of its copies, a slice of
+//      row_expert, offsets / counts (CTA 0).
 //   3. Warp 0 issues one bulk store per copy (a whole row, shared -> global) and refills a stage with the next tile
-//      as soon as the stores of its previous tile have read it. FP8 is warp-specialized: warps 1.. quantize each
-//      tile once in place (then write its scales) and signal the stage's `quantized` mbarrier, warp 0 stores what is
-//      quantized. Neither waits for the other at a CTA barrier: warp 0 may block on the TMA (a full queue, the read
-//      wait before a refill) while the next tiles are quantized, so the stores drain without gaps.
+//      as soon as the stores of its previous tile have read it; fp8 quantizes each tile once in place first.
 template <bool kMasked, bool kFp8>
 __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ __align__(8) uint64_t s_full[kMaxStages];   // tile loaded (TMA transaction count)
-  __shared__ __align__(8) uint64_t s_quant[kMaxStages];  // fp8: tile quantized (one arrival per quantizer warp)
+  __shared__ __align__(8) uint64_t s_full[kMaxStages];
   __shared__ int s_warp[kCoopWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int E = p.experts, k = p.top_k, H = p.hidden_size, G = gridDim.x, b = blockIdx.x;
@@ -575,10 +553,9 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
               static_cast<uint32_t>(tile_rows(i)) * H * 2, &s_full[i % p.stages]);
   };
 
-  // The ids first (the own copies' and the first batch of the chunk's before them): the ranking waits on them, the
-  // rows only later, so their loads are issued ahead of the TMA row loads rather than queued behind them.
+  // The ids of the own copies first: the ranking waits on them, the rows only later.
   constexpr int kIdBatch = 8;
-  int rv[kIdBatch], ev[kIdBatch];
+  int rv[kIdBatch];
   const auto load_rank_ids = [&](int i0) {
 #pragma unroll
     for (int q = 0; q < kIdBatch; ++q) {
@@ -586,22 +563,10 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
       rv[q] = i < we ? valid_expert(__ldg(p.ids + i), E) : -1;
     }
   };
-  const auto load_count_ids = [&](int i0) {
-#pragma unroll
-    for (int q = 0; q < kIdBatch; ++q) {
-      const int i = i0 + q * kCoopThreads + tid;
-      ev[q] = i < os ? valid_expert(__ldg(p.ids + i), E) : -1;
-    }
-  };
   load_rank_ids(ws);
-  load_count_ids(cs);
   if (tid == 0) {
-    for (int s = 0; s < p.stages; ++s) {
+    for (int s = 0; s < p.stages; ++s)
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&s_full[s])) : "memory");
-      if constexpr (kFp8)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&s_quant[s])), "n"(kQuantWarps)
-                     : "memory");
-    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
@@ -612,8 +577,13 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
     for (int i = 0; i < min(p.stages, n_tiles); ++i) load_tile(i);
 
   // Copies per expert of the chunk before the own range (integer sums: order-independent).
-  for (int i0 = cs; i0 < os; i0 += kCoopThreads * kIdBatch) {  // CTA-uniform
-    if (i0 > cs) load_count_ids(i0);
+  for (int i0 = cs; i0 < os; i0 += kCoopThreads * kIdBatch) {
+    int ev[kIdBatch];
+#pragma unroll
+    for (int q = 0; q < kIdBatch; ++q) {
+      const int i = i0 + q * kCoopThreads + tid;
+      ev[q] = i < os ? valid_expert(__ldg(p.ids + i), E) : -1;
+    }
 #pragma unroll
     for (int q = 0; q < kIdBatch; ++q) warp_count(s_before, ev[q]);
   }
@@ -650,14 +620,12 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
   auto arrived = grid.barrier_arrive();  // publishes chunk_hist (release)
   float sc[kFp8 ? kCoopMaxItems : 1];
   if constexpr (kFp8) {  // the first tile does not depend on the routing: quantize it while the others arrive
-    if (warp > 0) {
-      mbar_wait(&s_full[0], 0);
-      quantize_stage(stage(0), tile_rows(0), H, sc, &s_quant[0]);
-    }
+    mbar_wait(&s_full[0], 0);
+    quantize_stage(stage(0), tile_rows(0), H, sc);
   }
   grid.barrier_wait(std::move(arrived));
 
-  sum_chunk_hists<kCoopThreads, kSumBatch, kMasked>(p, p.chunks * E, chunk * E, b == 0, s_before, s_total, s_off,
+  sum_chunk_hists<kCoopThreads, kIdBatch, kMasked>(p, p.chunks * E, chunk * E, b == 0, s_before, s_total, s_off,
                                                    s_warp);
   for (int c = tid; c < n_own; c += kCoopThreads) {
     const int code = s_tr[c];
@@ -707,34 +675,27 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
     }
   };
   if constexpr (kFp8) {
-    if (warp == 0) {
-      for (int i = 0; i < n_tiles; ++i) {
-        mbar_wait(&s_quant[i % p.stages], (i / p.stages) & 1);
-        store_tile(i);
+    for (int i = 0; i < n_tiles; ++i) {
+      const int n = tile_rows(i);
+      if (i > 0) {
+        mbar_wait(&s_full[i % p.stages], (i / p.stages) & 1);
+        quantize_stage(stage(i), n, H, sc);
       }
-    } else {
-      const int qt = tid - 32, units = H / 16;
-      for (int i = 0; i < n_tiles; ++i) {
-        const int n = tile_rows(i);
-        if (i > 0) {
-          mbar_wait(&s_full[i % p.stages], (i / p.stages) & 1);
-          quantize_stage(stage(i), n, H, sc, &s_quant[i % p.stages]);
-        }
-        // Each 128-group's scale, once per destination: the 8 lanes of the group take the slots in turn.
-        const int items = n * units;
-        const int32_t* tr = s_tr + i * p.tile_tokens * k;
+      // Each 128-group's scale, once per destination: the 8 lanes of the group take the slots in turn.
+      const int units = H / 16, items = n * units;
+      const int32_t* tr = s_tr + i * p.tile_tokens * k;
 #pragma unroll
-        for (int j = 0; j < kCoopMaxItems; ++j) {
-          const int it = j * kQuantThreads + qt;
-          if (it < items) {
-            const int r = it / units, g = (it - r * units) / 8;
-            for (int s = qt & 7; s < k; s += 8) {
-              const int d = tr[r * k + s];
-              if (d >= 0) p.scales[scale_index<kMasked>(p, d, g)] = sc[j];
-            }
+      for (int j = 0; j < kCoopMaxItems; ++j) {
+        const int it = j * kCoopThreads + tid;
+        if (it < items) {
+          const int r = it / units, g = (it - r * units) / 8;
+          for (int s = tid & 7; s < k; s += 8) {
+            const int d = tr[r * k + s];
+            if (d >= 0) p.scales[scale_index<kMasked>(p, d, g)] = sc[j];
           }
         }
       }
+      if (warp == 0) store_tile(i);
     }
   } else if (warp == 0) {
     for (int i = 0; i < n_tiles; ++i) {
@@ -903,7 +864,7 @@ bool launch_coop(Params& p, int64_t tokens, at::Tensor& chunk_hist_buf, const at
   if (cta_copies > kMaxCtaCopies) return false;
   const int64_t row_in = int64_t{2} * p.hidden_size;
   const int64_t tile_tokens = std::clamp<int64_t>(kStageTarget / row_in, 1, range_tokens);
-  if (kFp8 && tile_tokens * (p.hidden_size / 16) > kCoopMaxItems * kQuantThreads) return false;
+  if (kFp8 && tile_tokens * (p.hidden_size / 16) > kCoopMaxItems * kCoopThreads) return false;
   const int64_t stage_bytes = (tile_tokens * row_in + 127) / 128 * 128;
   const int64_t meta_bytes = ((3 + kCoopWarps) * int64_t{p.experts} + 1 + cta_copies) * 4;
   const int64_t avail = optin - meta_bytes - 512;  // the static shared memory (mbarriers, s_warp)
@@ -921,9 +882,7 @@ bool launch_coop(Params& p, int64_t tokens, at::Tensor& chunk_hist_buf, const at
     return false;
   }
   if (per_sm < 1) return false;
-  // Small chunks (less to count before the barrier), but no more cells than one batch of loads sums after it.
-  const int64_t min_chunk_ctas = (ctas * p.experts + kSumBatch * kCoopThreads - 1) / (kSumBatch * kCoopThreads);
-  const int64_t chunk_ctas = std::clamp<int64_t>(std::max(kChunkCopies / cta_copies, min_chunk_ctas), 1, ctas);
+  const int64_t chunk_ctas = std::clamp<int64_t>(kChunkCopies / cta_copies, 1, ctas);
   const int64_t chunks = (ctas + chunk_ctas - 1) / chunk_ctas;
   chunk_hist_buf = at::empty({chunks, p.experts}, hidden.options().dtype(at::kInt));
   p.chunk_hist = chunk_hist_buf.data_ptr<int32_t>();
