@@ -181,5 +181,91 @@ __device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, i
   }
 }
 
+
+// ---- e4m3 cache: producer with a raw shared-memory ring (narrow kernel) -------------------------------------------
+// A raw stage: the tile's 64 e4m3 rows as stored (576 B each, row-major) and its 64 {s_c, s_pe} scale pairs.
+constexpr int kRawRowsBytes = kBlockN * kKvDim;                      // 36,864
+constexpr int kRawStageBytes = kRawRowsBytes + kBlockN * 2 * 4;      // + 512 B of scales
+static_assert(kRawStageBytes % 128 == 0, "raw stages stay 128-byte aligned");
+
+// Issues this thread's share of the tile at cursor c into a raw stage: rows `row` and `row + 32`, 16-byte chunk `sub`
+// of each 64-byte group (the same bytes load_fp8_half would load, so the thread later converts only what it copied
+// itself), plus the row's scales (sub 0). Tokens past the sequence end are zero-filled without a read (the old path's
+// zero rows and {0, 0} scales). Bank-conflict free: an 8-lane phase writes two rows x 64 contiguous bytes, 576 B
+// apart (= 64 mod 128).
+__device__ __forceinline__ void issue_fp8_raw(const DecodeParams& p, const Cursor& c, uint32_t raw, int row, int sub) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row + 32 * half, tok = c.t * kBlockN + r;
+    const bool ok = tok < c.len;
+    const int64_t cr = ok ? cache_row(p, c.b, tok) : 0;
+    const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
+    const uint32_t dst = raw + r * kKvDim + sub * 16;
+#pragma unroll
+    for (int k = 0; k < 9; ++k) cp_async_16(dst + k * 64, src + k * 64, ok);
+    if (sub == 0) cp_async_8(raw + kRawRowsBytes + r * 8, p.kv_scale + 2 * cr, ok);
+  }
+}
+
+// This thread's half-row of a landed raw stage into registers (the Fp8Half that store_fp8_half converts).
+__device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, int sub) {
+  const uint32_t src = raw + row * kKvDim + sub * 16;
+#pragma unroll
+  for (int k = 0; k < 9; ++k)
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(h.w[k].x), "=r"(h.w[k].y), "=r"(h.w[k].z), "=r"(h.w[k].w)
+                 : "r"(src + k * 64)
+                 : "memory");
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+               : "=f"(h.sc.x), "=f"(h.sc.y)
+               : "r"(raw + kRawRowsBytes + row * 8)
+               : "memory");
+}
+
+// The narrow kernel's producer loop with kRaw raw stages at raw0 (kRawStageBytes apart) and ONE bf16 stage at kv0
+// (scales at scale0): tiles j + 1 .. j + kRaw stay in flight (cp.async) while tile j waits for the consumers, instead
+// of one tile in registers. Tile j: wait for its cp.async group (own copies only) -> registers -> named barrier 3 of
+// the 128 producer threads (their shared loads performed before the copy of tile j + kRaw overwrites the slot) ->
+// issue tile j + kRaw -> wait empty (consumers done with tile j - 1: phase j - 1) -> convert into the bf16 stage ->
+// arrive full (phase j). Every iteration commits exactly one group (empty past the run's end), so wait_group<kRaw-1>
+// always means "tile j has landed".
+template <int kRaw>
+__device__ __forceinline__ void fp8_producer_ring(const DecodeParams& p, Cursor ld, int count, uint32_t raw0,
+                                                  uint32_t kv0, uint32_t scale0, uint32_t bar_full,
+                                                  uint32_t bar_empty) {
+  using mla_prefill::mbar_arrive;
+  using mla_prefill::mbar_wait;
+  using mla_prefill::named_bar_sync;
+  const int t = threadIdx.x & 127, sub = t & 3, row = t >> 2;
+#pragma unroll
+  for (int i = 0; i < kRaw; ++i) {
+    if (i < count) {
+      issue_fp8_raw(p, ld, raw0 + i * kRawStageBytes, row, sub);
+      ld.advance(p);  // ld: tile i + 1
+    }
+    cp_async_commit();
+  }
+  // ld is now at tile kRaw (when count > kRaw), the next one to issue.
+  Fp8Half h0, h1;
+  for (int j = 0; j < count; ++j) {
+    const uint32_t raw = raw0 + (j % kRaw) * kRawStageBytes;
+    cp_async_wait<kRaw - 1>();
+    load_fp8_raw(h0, raw, row, sub);
+    load_fp8_raw(h1, raw, row + 32, sub);
+    named_bar_sync<128>(3);
+    if (j + kRaw < count) {
+      issue_fp8_raw(p, ld, raw, row, sub);
+      ld.advance(p);
+    }
+    cp_async_commit();
+    if (j >= 1) mbar_wait(bar_empty, (j - 1) & 1);
+    store_fp8_half(h0, kv0, scale0, row, sub);
+    store_fp8_half(h1, kv0, scale0, row + 32, sub);
+    fence_proxy_async();  // the stores, visible to the consumers' wgmma
+    mbar_arrive(bar_full);
+  }
+  cp_async_wait<0>();  // only empty groups can be left; keeps the exit free of pending copies
+}
+
 }  // namespace mla_decode
 }  // namespace dsv2
