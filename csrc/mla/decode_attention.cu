@@ -57,18 +57,24 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int 
 }
 
 // A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (kPipe schedule: warpgroup 1, idle during QK and the
-// softmax, loads alone). The four block-table lookups are issued before any cp.async, so their latencies overlap.
-__device__ __forceinline__ void load_kv_bf16_wg(const DecodeParams& p, uint32_t dst, const Cursor& c) {
-  const uint8_t* src[4];
-  bool ok[4];
+// softmax, loads alone), in two steps so that the block-table lookups run a tile ahead of the copies: kv_rows_wg
+// resolves this thread's 4 cache rows (kNoRow past the sequence end), load_kv_rows_wg issues the 36 cp.async. A row
+// index fits 32 bits: a cache of 2^32 - 1 rows of 1,152 bytes would not fit in any GPU's memory.
+constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+__device__ __forceinline__ void kv_rows_wg(const DecodeParams& p, const Cursor& c, uint32_t (&rows)[4]) {
 #pragma unroll
   for (int qt = 0; qt < 4; ++qt) {
     const int tok = c.t * kBlockN + ((threadIdx.x & 127) >> 3) + 16 * qt;
-    ok[qt] = tok < c.len;
-    src[qt] = p.kv + (ok[qt] ? cache_row(p, c.b, tok) * (kKvDim * 2) : 0);
+    rows[qt] = tok < c.len ? static_cast<uint32_t>(cache_row(p, c.b, tok)) : kNoRow;
   }
+}
+__device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t dst, const uint32_t (&rows)[4]) {
 #pragma unroll
-  for (int qt = 0; qt < 4; ++qt) load_rows_bf16(dst, src[qt], ok[qt], ((threadIdx.x & 127) >> 3) + 16 * qt);
+  for (int qt = 0; qt < 4; ++qt) {
+    const bool ok = rows[qt] != kNoRow;
+    load_rows_bf16(dst, p.kv + (ok ? static_cast<int64_t>(rows[qt]) * (kKvDim * 2) : 0), ok,
+                   ((threadIdx.x & 127) >> 3) + 16 * qt);
+  }
 }
 
 // S[64 x 64] = Q[64 x 576] K[64 x 576]^T by warpgroup 0: k step kk reads 16 columns, 32 bytes into a column block.
@@ -213,11 +219,14 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   // consumers' only cp.async are the Q loads. kPipe: {Q, tile 0}, then per tile k: {tile k + 1} (warpgroup 1, after
   // the top barrier), [{Q of the next sequence}]; at the top of step k everything outstanding is needed (wait 0).
   load_q(p, base + L::kQ, cur.b, m_block);
+  uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // kPipe, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
     issue_kv(0);
     if constexpr (!kPipe) {
       cp_async_commit();
       if (count > 1) issue_kv(1);
+    } else {
+      if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
     }
   }
   cp_async_commit();
@@ -245,8 +254,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and stage (k + 1) & 1 (tile k - 1) are free
       if (wg == 1) {
         if (k + 1 < count) {
-          load_kv_bf16_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, ld);
+          load_kv_rows_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, next_rows);
           ld.advance(p);
+          if (k + 2 < count) kv_rows_wg(p, ld, next_rows);  // its latency falls into QK(k) + softmax(k)
         }
         cp_async_commit();
       }
