@@ -56,6 +56,27 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int 
   }
 }
 
+// A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (kPipe schedule: warpgroup 1, idle during QK and the
+// softmax, loads alone), in two steps so that the block-table lookups run a tile ahead of the copies: kv_rows_wg
+// resolves this thread's 4 cache rows (kNoRow past the sequence end), load_kv_rows_wg issues the 36 cp.async. A row
+// index fits 32 bits: a cache of 2^32 - 1 rows of 1,152 bytes would not fit in any GPU's memory.
+constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+__device__ __forceinline__ void kv_rows_wg(const DecodeParams& p, const Cursor& c, uint32_t (&rows)[4]) {
+#pragma unroll
+  for (int qt = 0; qt < 4; ++qt) {
+    const int tok = c.t * kBlockN + ((threadIdx.x & 127) >> 3) + 16 * qt;
+    rows[qt] = tok < c.len ? static_cast<uint32_t>(cache_row(p, c.b, tok)) : kNoRow;
+  }
+}
+__device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t dst, const uint32_t (&rows)[4]) {
+#pragma unroll
+  for (int qt = 0; qt < 4; ++qt) {
+    const bool ok = rows[qt] != kNoRow;
+    load_rows_bf16(dst, p.kv + (ok ? static_cast<int64_t>(rows[qt]) * (kKvDim * 2) : 0), ok,
+                   ((threadIdx.x & 127) >> 3) + 16 * qt);
+  }
+}
+
 // S[64 x 64] = Q[64 x 576] K[64 x 576]^T by warpgroup 0: k step kk reads 16 columns, 32 bytes into a column block.
 __device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv) {
 #pragma unroll
@@ -134,8 +155,15 @@ __device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v
 
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). "lo" rows are r, "hi" rows r + 8.
-template <bool kFp8>
+//
+// kPipe (bf16 cache only; DSV2_DECODE_OVERLAP=0 selects kPipe = false): tile k + 1 is issued by warpgroup 1 alone
+// right after the top barrier of tile k (that barrier proves both warpgroups finished PV(k - 1), so its stage is
+// free) instead of by all threads after a third barrier at the bottom of tile k - 1: same prefetch window, one CTA
+// barrier less, and warpgroup 0 has no block-table load or cp.async on its path. O *= alpha is skipped when it
+// would multiply by exactly 1 (the warp's rows kept their max) or the tile restarts O.
+template <bool kFp8, bool kPipe>
 __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+  static_assert(!(kFp8 && kPipe), "the pipelined schedule is bf16-cache only");
   using L = Smem<kFp8>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
@@ -188,12 +216,18 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   };
   // cp.async groups, one per step: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}.
   // So at the top of step k "all but the newest group" is exactly tile k (and the Q it needs). e4m3 cache: the
-  // consumers' only cp.async are the Q loads.
+  // consumers' only cp.async are the Q loads. kPipe: {Q, tile 0}, then per tile k: {tile k + 1} (warpgroup 1, after
+  // the top barrier), [{Q of the next sequence}]; at the top of step k everything outstanding is needed (wait 0).
   load_q(p, base + L::kQ, cur.b, m_block);
+  uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // kPipe, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
     issue_kv(0);
-    cp_async_commit();
-    if (count > 1) issue_kv(1);
+    if constexpr (!kPipe) {
+      cp_async_commit();
+      if (count > 1) issue_kv(1);
+    } else {
+      if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
+    }
   }
   cp_async_commit();
 
@@ -214,6 +248,18 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       fence_proxy_async();
       mbar_wait(bar_full + 8 * (k & 1), (k >> 1) & 1);
       named_bar_sync<kThreads>(1);  // Q ready; P and alpha of the previous tile consumed
+    } else if constexpr (kPipe) {
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and stage (k + 1) & 1 (tile k - 1) are free
+      if (wg == 1) {
+        if (k + 1 < count) {
+          load_kv_rows_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, next_rows);
+          ld.advance(p);
+          if (k + 2 < count) kv_rows_wg(p, ld, next_rows);  // its latency falls into QK(k) + softmax(k)
+        }
+        cp_async_commit();
+      }
     } else {
       cp_async_wait<1>();
       fence_proxy_async();
@@ -324,8 +370,11 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       a_lo = s_alpha[r_lo];
       a_hi = s_alpha[r_hi];
     }
+    // kPipe: a warp-uniform skip (multiplying by exactly 1 changes nothing; a restart discards O).
+    if (!kPipe || (!first && !__all_sync(0xffffffffu, a_lo == 1.f && a_hi == 1.f))) {
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
+      for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
+    }
     pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
 
     if constexpr (kFp8) {
@@ -335,7 +384,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       // barrier to carry the other lanes' reads to it, which compute-sanitizer racecheck does not follow; the
       // __syncwarp such code needs compiles to nothing). P, alpha and the row state: the next top barrier.
       mbar_arrive(bar_empty + 8 * (k & 1));
-    } else {
+    } else if constexpr (!kPipe) {
       __syncthreads();  // both warpgroups done with tile k and P
       if (k + 2 < count) issue_kv(k + 2);
       cp_async_commit();
@@ -384,11 +433,18 @@ bool narrow_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-template <bool kFp8>
+// bf16 cache: the kPipe schedule unless DSV2_DECODE_OVERLAP=0 (A/B comparisons and fallback).
+bool overlap_enabled() {
+  const char* v = std::getenv("DSV2_DECODE_OVERLAP");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+template <bool kFp8, bool kPipe = false>
 void launch_decode(const DecodeParams& p, dim3 grid, bool programmatic, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  launch_kernel(programmatic, decode_kernel<kFp8>, grid, dim3(kCtaThreads<kFp8>), smem, stream, p);
+  auto* kernel = decode_kernel<kFp8, kPipe>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  launch_kernel(programmatic, kernel, grid, dim3(kCtaThreads<kFp8>), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -516,7 +572,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   } else {
     const dim3 grid(parts, m_blocks);
     if (fp8) launch_decode<true>(p, grid, pdl, stream);
-    else launch_decode<false>(p, grid, pdl, stream);
+    else if (overlap_enabled()) launch_decode<false, true>(p, grid, pdl, stream);
+    else launch_decode<false, false>(p, grid, pdl, stream);
   }
   launch_decode_combine(p, pdl, stream);
   return {out, lse};
