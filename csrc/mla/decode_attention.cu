@@ -2,9 +2,10 @@
 //
 // Grid: (CTA parts of the split-KV schedule, 64-row query blocks). A CTA owns 64 query rows (s_q x heads of one
 // sequence, padded) and walks its part's run of 64-token KV tiles, which may span several sequences. Per tile:
-//   * bf16 cache: all 256 threads load it with 16-byte cp.async into a 128-byte-swizzled shared tile, two tiles
-//     ahead (two stages). Each token's row address goes through the block table, so any block size works; tokens
-//     past the sequence end are zero-filled, never read (unused pages may hold NaN);
+//   * bf16 cache: 16-byte cp.async into a 128-byte-swizzled shared tile (two stages), tile k + 1 issued by
+//     warpgroup 1 alone while tile k is computed (see decode_kernel). Each token's row address goes through the
+//     block table, so any block size works; tokens past the sequence end are zero-filled, never read (unused pages
+//     may hold NaN);
 //   * e4m3 cache: a third warpgroup (the producer, 104 registers after setmaxnreg) streams the raw rows into
 //     registers (one tile in flight) and converts them into one of two bf16 stages while the consumers compute the
 //     previous tile (mbarriers full/empty per stage). The conversion has no multiply: the stage holds e4m3 * 2^-112
@@ -42,7 +43,6 @@ namespace {
 
 // The e4m3 path's producer/consumer synchronization (prefill_common.cuh).
 using mla_prefill::mbar_arrive;
-using mla_prefill::mbar_init;
 using mla_prefill::mbar_wait;
 using mla_prefill::named_bar_sync;
 using mla_prefill::setmaxnreg_dec;
@@ -56,7 +56,7 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int 
   }
 }
 
-// A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (kPipe schedule: warpgroup 1, idle during QK and the
+// A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (bf16 schedule: warpgroup 1, idle during QK and the
 // softmax, loads alone), in two steps so that the block-table lookups run a tile ahead of the copies: kv_rows_wg
 // resolves this thread's 4 cache rows (kNoRow past the sequence end), load_kv_rows_wg issues the 36 cp.async. A row
 // index fits 32 bits: a cache of 2^32 - 1 rows of 1,152 bytes would not fit in any GPU's memory.
@@ -156,14 +156,13 @@ __device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). "lo" rows are r, "hi" rows r + 8.
 //
-// kPipe (bf16 cache only; DSV2_DECODE_OVERLAP=0 selects kPipe = false): tile k + 1 is issued by warpgroup 1 alone
-// right after the top barrier of tile k (that barrier proves both warpgroups finished PV(k - 1), so its stage is
-// free) instead of by all threads after a third barrier at the bottom of tile k - 1: same prefetch window, one CTA
-// barrier less, and warpgroup 0 has no block-table load or cp.async on its path. O *= alpha is skipped when it
-// would multiply by exactly 1 (the warp's rows kept their max) or the tile restarts O.
-template <bool kFp8, bool kPipe>
+// bf16 cache: tile k + 1 is issued by warpgroup 1 alone right after the top barrier of tile k (that barrier proves
+// both warpgroups finished PV(k - 1), so its stage is free), rather than by all threads after a third barrier at the
+// bottom of tile k - 1 (measured slower everywhere): same prefetch window, one CTA barrier less, and warpgroup 0 has
+// no block-table load or cp.async on its path. O *= alpha is skipped when it would multiply by exactly 1 (the warp's
+// rows kept their max) or the tile restarts O.
+template <bool kFp8>
 __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
-  static_assert(!(kFp8 && kPipe), "the pipelined schedule is bf16-cache only");
   using L = Smem<kFp8>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
@@ -193,41 +192,24 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   int split = sched.w;
 
   if constexpr (kFp8) {
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int st = 0; st < 2; ++st) {
-        mbar_init(bar_full + 8 * st, 128);
-        mbar_init(bar_empty + 8 * st, kThreads);
-      }
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();  // the last CTA-wide barrier: consumers then sync among themselves (named barrier 1)
+    init_fp8_stage_barriers<2>(bar_full, bar_empty);
     if (wg == 2) {  // producer: see fp8_producer (decode_kv.cuh)
       setmaxnreg_dec<kProducerRegs>();
-      fp8_producer<false>(p, ld, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
+      fp8_producer(p, ld, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
       return;
     }
     setmaxnreg_inc<kConsumerRegs>();
   }
 
-  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld (bf16 cache)
-    load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
-    ld.advance(p);
-  };
-  // cp.async groups, one per step: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}.
-  // So at the top of step k "all but the newest group" is exactly tile k (and the Q it needs). e4m3 cache: the
-  // consumers' only cp.async are the Q loads. kPipe: {Q, tile 0}, then per tile k: {tile k + 1} (warpgroup 1, after
-  // the top barrier), [{Q of the next sequence}]; at the top of step k everything outstanding is needed (wait 0).
+  // cp.async groups (bf16 cache): {Q, tile 0} by all threads, then per tile k: {tile k + 1} (warpgroup 1, after the
+  // top barrier), [{Q of the next sequence}]; at the top of step k everything outstanding is needed (wait 0). e4m3
+  // cache: the consumers' only cp.async are the Q loads.
   load_q(p, base + L::kQ, cur.b, m_block);
-  uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // kPipe, warpgroup 1: the cache rows of tile `ld`
+  uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // bf16, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
-    issue_kv(0);
-    if constexpr (!kPipe) {
-      cp_async_commit();
-      if (count > 1) issue_kv(1);
-    } else {
-      if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
-    }
+    load_kv_bf16(p, base + L::kKV, ld);  // tile 0 into stage 0
+    ld.advance(p);
+    if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
   }
   cp_async_commit();
 
@@ -248,7 +230,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       fence_proxy_async();
       mbar_wait(bar_full + 8 * (k & 1), (k >> 1) & 1);
       named_bar_sync<kThreads>(1);  // Q ready; P and alpha of the previous tile consumed
-    } else if constexpr (kPipe) {
+    } else {
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and stage (k + 1) & 1 (tile k - 1) are free
@@ -260,10 +242,6 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
         }
         cp_async_commit();
       }
-    } else {
-      cp_async_wait<1>();
-      fence_proxy_async();
-      __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and the previous tile's buffers are free
     }
     if (first) {  // O restarts through the PV wgmma's scale-d = 0 (no register writes here)
       m_lo = m_hi = -INFINITY;
@@ -370,8 +348,8 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       a_lo = s_alpha[r_lo];
       a_hi = s_alpha[r_hi];
     }
-    // kPipe: a warp-uniform skip (multiplying by exactly 1 changes nothing; a restart discards O).
-    if (!kPipe || (!first && !__all_sync(0xffffffffu, a_lo == 1.f && a_hi == 1.f))) {
+    // bf16 cache: a warp-uniform skip (multiplying by exactly 1 changes nothing; a restart discards O).
+    if (kFp8 || (!first && !__all_sync(0xffffffffu, a_lo == 1.f && a_hi == 1.f))) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
     }
@@ -384,10 +362,6 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       // barrier to carry the other lanes' reads to it, which compute-sanitizer racecheck does not follow; the
       // __syncwarp such code needs compiles to nothing). P, alpha and the row state: the next top barrier.
       mbar_arrive(bar_empty + 8 * (k & 1));
-    } else if constexpr (!kPipe) {
-      __syncthreads();  // both warpgroups done with tile k and P
-      if (k + 2 < count) issue_kv(k + 2);
-      cp_async_commit();
     }
 
     if (last) {
@@ -433,16 +407,10 @@ bool narrow_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// bf16 cache: the kPipe schedule unless DSV2_DECODE_OVERLAP=0 (A/B comparisons and fallback).
-bool overlap_enabled() {
-  const char* v = std::getenv("DSV2_DECODE_OVERLAP");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
-template <bool kFp8, bool kPipe = false>
+template <bool kFp8>
 void launch_decode(const DecodeParams& p, dim3 grid, bool programmatic, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8>::kBytes + kSmemSlack;
-  auto* kernel = decode_kernel<kFp8, kPipe>;
+  auto* kernel = decode_kernel<kFp8>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   launch_kernel(programmatic, kernel, grid, dim3(kCtaThreads<kFp8>), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -572,8 +540,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   } else {
     const dim3 grid(parts, m_blocks);
     if (fp8) launch_decode<true>(p, grid, pdl, stream);
-    else if (overlap_enabled()) launch_decode<false, true>(p, grid, pdl, stream);
-    else launch_decode<false, false>(p, grid, pdl, stream);
+    else launch_decode<false>(p, grid, pdl, stream);
   }
   launch_decode_combine(p, pdl, stream);
   return {out, lse};

@@ -14,19 +14,16 @@
 //   * O^T [512 x N] += V^T . P^T: each warpgroup owns 256 of the 512 value dims, 4 M-blocks x 4 k steps of wgmma
 //     m64nNk16 with A = the V part of the same tile read MN-major (trans-a), B = P^T. The accumulator is 2N registers
 //     per thread (32 or 64) instead of 128.
-// Loads are the 64-row kernel's: bf16 cache by all 256 threads with cp.async, two tiles ahead; e4m3 cache by the
-// producer warpgroup of decode_kv.cuh (exact e4m3 * 2^-112 conversion, per-token {r, f} scale slot). Its default form
-// here (kRing) copies raw e4m3 tiles with cp.async into a 3-stage shared-memory ring and converts them into ONE bf16
-// stage, so that 3 tiles stay in flight (the faster consumers left the one-tile register pipeline as the limit,
-// notes/fp8n.md); DSV2_DECODE_FP8_RING=0 selects the register producer (2 bf16 stages, L2 prefetch of the tile after
-// next) for A/B runs. The scale folding is the same: S rows (tokens) scaled by r between the k_pe and c_kv parts of
-// S^T and by f after, P^T columns (tokens) by f.
+// Loads: bf16 cache by all 256 threads with cp.async, two tiles ahead (the 64-row kernel lets warpgroup 1 load alone);
+// e4m3 cache by a producer warpgroup of decode_kv.cuh (exact e4m3 * 2^-112 conversion, per-token {r, f} scale slot).
+// Unlike the 64-row kernel's register producer, the one here (fp8_producer_ring) copies raw e4m3 tiles with cp.async
+// into a 3-stage shared-memory ring and converts them into ONE bf16 stage, so that 3 tiles stay in flight (the faster
+// consumers left the one-tile register pipeline as the limit, notes/fp8n.md; the register producer measured slower
+// at every shape). The scale folding is the same: S rows (tokens) scaled by r between the k_pe and c_kv parts of S^T
+// and by f after, P^T columns (tokens) by f.
 // Every consumer thread arrives on the e4m3 stage's empty barrier itself (see notes/decode_race.md).
 
 #include "../common/torch_cuda.h"
-
-#include <cstdlib>
-#include <cstring>
 
 #include "decode_common.cuh"
 #include "decode_kv.cuh"       // cursor, tile loads, e4m3 producer
@@ -37,28 +34,26 @@ namespace mla_decode {
 namespace {
 
 using mla_prefill::mbar_arrive;
-using mla_prefill::mbar_init;
 using mla_prefill::mbar_wait;
 using mla_prefill::named_bar_sync;
 
 // Shared memory plan (byte offsets from a 1024-aligned base): kStages bf16 KV stages, Q [kN x 576] (9 column blocks
 // of kN * 128 bytes, 1024-aligned as the swizzle needs), P^T [kN x 64], e4m3 scale slots (one per stage), the
 // column-max and row-sum exchanges of warpgroup 0 ([4 warps][kN] each), per column alpha / final l / final m, e4m3
-// mbarriers full[kStages], empty[kStages], and (kRing) the producer's raw e4m3 ring.
-// bf16, or e4m3 with the register producer: 2 bf16 stages. e4m3 with the ring (kRing): 1 bf16 stage + kRawStages raw
-// stages (227 KB holds 2 + 1 or 1 + 3; only the second keeps more than one tile in flight, notes/fp8n.md).
+// mbarriers full[kStages], empty[kStages], and (e4m3) the producer's raw e4m3 ring.
+// bf16: 2 bf16 stages. e4m3: 1 bf16 stage + kRawStages raw stages (227 KB holds 2 + 1 or 1 + 3; only the second
+// keeps more than one tile in flight, notes/fp8n.md).
 constexpr int kRawStages = 3;
-template <bool kFp8, int kN, bool kRing = false>
+template <bool kFp8, int kN>
 struct NarrowSmem {
-  static constexpr bool kRaw = kFp8 && kRing;
-  static constexpr int kStages = kRaw ? 1 : 2;
+  static constexpr int kStages = kFp8 ? 1 : 2;
   static constexpr int kQBlock = kN * 128;
   static constexpr int kKV = 0, kQ = kStages * kTileBytes, kP = kQ + 9 * kQBlock, kScale = kP + kQBlock;
   static constexpr int kRed = kScale + (kFp8 ? kStages * kScaleTileBytes : 0), kRedL = kRed + 4 * kN * 4;
   static constexpr int kAlpha = kRedL + 4 * kN * 4, kL = kAlpha + kN * 4, kM = kL + kN * 4;
   static constexpr int kBar = kM + kN * 4;
   static constexpr int kRawRing = (kBar + (kFp8 ? 4 * 8 : 0) + 127) / 128 * 128;
-  static constexpr int kBytes = kRaw ? kRawRing + kRawStages * kRawStageBytes : kBar + (kFp8 ? 4 * 8 : 0);
+  static constexpr int kBytes = kFp8 ? kRawRing + kRawStages * kRawStageBytes : kBar + (kFp8 ? 4 * 8 : 0);
   static_assert(kQ % 1024 == 0 && kP % 1024 == 0 && kBar % 8 == 0, "swizzled blocks need 1024-byte alignment");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
@@ -114,9 +109,9 @@ __device__ __forceinline__ void pv_narrow(float (&o)[4][kN / 2], uint32_t sp, ui
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
 // rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
 // 4 j + 2 + e (row "hi" = lo + 8).
-template <bool kFp8, int kN, bool kRing>
+template <bool kFp8, int kN>
 __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(const __grid_constant__ DecodeParams p) {
-  using L = NarrowSmem<kFp8, kN, kRing>;
+  using L = NarrowSmem<kFp8, kN>;
   constexpr int kStages = L::kStages;  // 1 or 2: stage k & (kStages - 1), phase parity (k >> (kStages - 1)) & 1
   constexpr int kCols = kN / 4;
   extern __shared__ uint8_t smem_raw[];
@@ -146,21 +141,11 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   int split = sched.w;
 
   if constexpr (kFp8) {
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int st = 0; st < kStages; ++st) {
-        mbar_init(bar_full + 8 * st, 128);
-        mbar_init(bar_empty + 8 * st, kThreads);
-      }
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();  // the last CTA-wide barrier: consumers then sync among themselves (named barrier 1)
+    init_fp8_stage_barriers<kStages>(bar_full, bar_empty);
     // No setmaxnreg: 384 threads get 168 registers each, more than the producer or the narrow consumers need.
     if (wg == 2) {
-      if constexpr (kRing)
-        fp8_producer_ring<kRawStages>(p, ld, count, base + L::kRawRing, base + L::kKV, base + L::kScale, bar_full,
-                                      bar_empty);
-      else fp8_producer<true>(p, ld, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
+      fp8_producer_ring<kRawStages>(p, ld, count, base + L::kRawRing, base + L::kKV, base + L::kScale, bar_full,
+                                    bar_empty);
       return;
     }
   }
@@ -169,8 +154,8 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
     load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
     ld.advance(p);
   };
-  // cp.async groups as in the 64-row kernel: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}],
-  // {tile k + 2}; at the top of step k "all but the newest group" is tile k and its Q. e4m3: Q loads only.
+  // cp.async groups: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}; at the top of
+  // step k "all but the newest group" is tile k and its Q. e4m3: Q loads only.
   load_q_narrow<kN>(p, sq, cur.b);
   if constexpr (!kFp8) {
     issue_kv(0);
@@ -392,21 +377,13 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   cp_async_wait<0>();
 }
 
-template <bool kFp8, int kN, bool kRing = false>
+template <bool kFp8, int kN>
 void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStream_t stream) {
-  constexpr int smem = NarrowSmem<kFp8, kN, kRing>::kBytes + kSmemSlack;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(decode_narrow_kernel<kFp8, kN, kRing>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  launch_kernel(programmatic, decode_narrow_kernel<kFp8, kN, kRing>, dim3(parts), dim3(kCtaThreads<kFp8>), smem,
-                stream, p);
+  constexpr int smem = NarrowSmem<kFp8, kN>::kBytes + kSmemSlack;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(decode_narrow_kernel<kFp8, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      smem));
+  launch_kernel(programmatic, decode_narrow_kernel<kFp8, kN>, dim3(parts), dim3(kCtaThreads<kFp8>), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// e4m3: the raw-ring producer unless DSV2_DECODE_FP8_RING=0 (A/B against the register producer in one build). Read
-// per call, like DSV2_DECODE_NARROW: cheap next to a launch.
-bool fp8_ring_enabled() {
-  const char* v = std::getenv("DSV2_DECODE_FP8_RING");
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 }  // namespace
@@ -414,14 +391,11 @@ bool fp8_ring_enabled() {
 void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool programmatic, cudaStream_t stream) {
   TORCH_CHECK(p.rows >= 1 && p.rows <= kNarrowMaxRows, "decode_attention: narrow kernel needs s_q * H <= ",
               kNarrowMaxRows);
-  const bool ring = fp8 && fp8_ring_enabled();
   if (p.rows <= 16) {
-    if (ring) launch_narrow<true, 16, true>(p, parts, programmatic, stream);
-    else if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
+    if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
     else launch_narrow<false, 16>(p, parts, programmatic, stream);
   } else {
-    if (ring) launch_narrow<true, 32, true>(p, parts, programmatic, stream);
-    else if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);
+    if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);
     else launch_narrow<false, 32>(p, parts, programmatic, stream);
   }
 }

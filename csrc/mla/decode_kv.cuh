@@ -131,24 +131,28 @@ __device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, u
   }
 }
 
-// Asks L2 for token `row` of the tile at cursor c (its 576 raw bytes and its scales), if the token exists. A hint:
-// the producer's register loads of that tile then find it in L2 instead of waiting for HBM.
-__device__ __forceinline__ void prefetch_fp8_row(const DecodeParams& p, const Cursor& c, int row) {
-  const int tok = c.t * kBlockN + row;
-  if (tok >= c.len) return;
-  const int64_t cr = cache_row(p, c.b, tok);
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p.kv + cr * kKvDim), "n"(kKvDim) : "memory");
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.kv_scale + 2 * cr) : "memory");
+// The e4m3 stage mbarriers, kStages of each kind 8 bytes apart: full[s] (the producer's 128 threads arrive: stage s
+// converted), empty[s] (all kThreads consumer threads arrive: stage s read). Initialized by thread 0 and published by
+// the last CTA-wide barrier of the kernel: the consumers then sync among themselves (named barrier 1) while the
+// producer runs ahead.
+template <int kStages>
+__device__ __forceinline__ void init_fp8_stage_barriers(uint32_t bar_full, uint32_t bar_empty) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mla_prefill::mbar_init(bar_full + 8 * st, 128);
+      mla_prefill::mbar_init(bar_empty + 8 * st, kThreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 }
 
-// The producer warpgroup's loop (its 128 threads; `ld` at the run's first tile): tile j of the run -> bf16 stage
+// The 64-row kernel's producer loop (its 128 threads; `ld` at the run's first tile): tile j of the run -> bf16 stage
 // j & 1 (at kv0 + (j & 1) * kTileBytes, scales at scale0 + (j & 1) * kScaleTileBytes), once the consumers released
 // tile j - 2 there (mbarrier empty[j & 1], then full[j & 1] from all 128 threads). The registers hold one tile (two
 // halves: rows t / 4 and t / 4 + 32); a half's next tile is loaded as soon as its current one is stored, so one tile
-// stays in flight while the consumers work on the previous ones. With kPrefetch, tile j + 2 is also requested into
-// L2 (one row per thread of the first 64) once tile j is handed over: a second tile in flight that costs neither
-// registers nor shared memory.
-template <bool kPrefetch>
+// stays in flight while the consumers work on the previous ones.
 __device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, int count, uint32_t kv0,
                                              uint32_t scale0, uint32_t bar_full, uint32_t bar_empty) {
   using mla_prefill::mbar_arrive;
@@ -157,11 +161,6 @@ __device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, i
   Fp8Half h0, h1;
   load_fp8_half(p, h0, ld, row, sub);
   load_fp8_half(p, h1, ld, row + 32, sub);
-  Cursor pf = ld;
-  if constexpr (kPrefetch) {  // after tile 0's loads: the prefetch waits for its block-table entry
-    pf.advance(p);            // tile 1
-    if (count > 1 && t < kBlockN) prefetch_fp8_row(p, pf, t);
-  }
   for (int j = 0; j < count; ++j) {
     const int st = j & 1;
     if (j >= 2) mbar_wait(bar_empty + 8 * st, ((j >> 1) - 1) & 1);
@@ -174,10 +173,6 @@ __device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, i
     if (more) load_fp8_half(p, h1, ld, row + 32, sub);
     fence_proxy_async();  // the stores, visible to the consumers' wgmma
     mbar_arrive(bar_full + 8 * st);
-    if constexpr (kPrefetch) {
-      pf.advance(p);  // tile j + 2
-      if (j + 2 < count && t < kBlockN) prefetch_fp8_row(p, pf, t);
-    }
   }
 }
 
