@@ -8,29 +8,21 @@ default. Bytes = the cache rows of every sequence read once (FP8: plus 8 bytes o
 FLOPs = 2 * s_q * H * sum(L_b) * (576 + 512). The torch version gathers each sequence's pages into a dense
 [B, max L, 576] tensor (FP8: dequantized to bf16), then runs two bf16 bmm with an fp32 masked softmax between them.
 
-Prediction (design in csrc/mla/decode_attention.cu: 64 query rows per CTA, 64-token tiles, cp.async two tiles ahead,
-warpgroup 0 does Q K^T + softmax, both warpgroups P V; scheduler + main + combine kernels per call):
-* Per tile and 64-row block, the CTA spends ~2,200 tensor-core cycles at peak rate (36 wgmma m64n64k16 fed from
-  shared memory at ~128 B/cycle, so realistically ~1,500 + 1,024 for P V) plus ~800 cycles with the tensor cores idle
-  (softmax on warpgroup 0, rescale, three CTA barriers): ~3,300 cycles, 1.8-2.2 us.
-* Memory-bound (H * s_q <= 32: one row block, rows padded to 64), bf16: a tile is 73.7 KB, ~2.9 us of each SM's HBM
-  share at 3.3 TB/s, more than its compute, and 1-2 tiles stay in flight per SM (~15 MB in all, enough for HBM's
-  latency), so loads set the pace: 3.0-3.4 TB/s at s_k >= 4096 (the 3.2 TB/s bar is in range, not assured). At
-  s_k = 1024 each CTA has ~16 tiles, so pipeline fill plus the scheduler and combine launches (~6-8 us against
-  ~45 us of traffic) give 2.4-2.8 TB/s.
-* H = 128 (two row blocks; each KV tile is read by two co-resident CTAs, the second mostly from L2): compute-bound at
-  ~2 us per tile and block: 380-470 TFLOP/s (50-63% of the 744 TFLOP/s GEMM ceiling), the 460 TFLOP/s bar at the top
-  of that range. The idle tensor time during the softmax is the lever: overlapping it with the other tile's MMAs
-  (FlashMLA-style ping-pong of two tiles between the warpgroups) needs the shared-memory budget reworked.
-* FP8 cache (producer warpgroup converts tile k + 1 into a second bf16 stage while the consumers compute tile k;
-  multiply-free exact conversion, scales applied in fp32 to S and P columns): bytes halve (36.9 KB + 512 B of
-  scales per tile) and the conversion is off the critical path, so each tile costs the consumers' ~3,000-3,300
-  cycles (64 padded rows of Q K^T at the shared-memory rate, softmax, P V; ~1.6-1.8 us), under the ~2 us that
-  2.5 TB/s allows: memory-bound at small H, 2.3-2.7 TB/s at s_k >= 4096 (1.6-1.9x the bf16 tokens/s; the 1.6x bar
-  is in range, not assured: only one tile is in flight per SM, held in the producer's registers). H = 128: compute-
-  bound like bf16 (the k_pe part of Q K^T is waited on separately: ~5% slower than bf16 there).
+Kernels (see the file headers): H * s_q <= 32 runs the narrow kernel (csrc/mla/decode_attention_narrow.cu:
+transposed MMAs, S^T = K Q^T and O^T = V^T P^T with N = 16 or 32, so no padded query rows), the rest the 64-row
+kernel (csrc/mla/decode_attention.cu: warpgroup 0 Q K^T + softmax, both warpgroups P V, warpgroup 1 loading the next
+tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine are chained by programmatic launch.
+`DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs.
+
+Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tables and the misses):
+* Memory-bound bf16 (H * s_q <= 32): predicted 3.3-3.6 TB/s at s_k >= 4096 once the MMAs stop padding to 64 rows;
+  measured 3.76 (H=16), 3.36 (32 rows), up to 4.26 at 16384 (reads only: above the 4.2 TB/s read+write copy
+  ceiling). s_k = 1024: 3.07 fixed, 2.66 variable (H=16); the fixed ~10 us of metadata, fill and combine weigh more.
+* H = 128 bf16: compute-bound; predicted 420-445 TFLOP/s with the pipelined loads, measured 457-480.
+* FP8 cache: half the bytes, but the e4m3 -> bf16 conversion and the narrow consumers are not yet overlapped well:
+  predicted ~1.6x bf16 tokens/s, measured 0.91-0.94x (H=16); H = 128 FP8 ~325-360 TFLOP/s.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
-  and three extra passes; expected 5-20x slower.
+  and three extra passes; measured 4.6-31x slower.
 """
 
 import torch
