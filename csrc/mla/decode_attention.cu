@@ -77,20 +77,42 @@ __device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t 
   }
 }
 
-// S[64 x 64] = Q[64 x 576] K[64 x 576]^T by warpgroup 0: k step kk reads 16 columns, 32 bytes into a column block.
-__device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+// S[64 x 64] (+)= Q[64 x 576] K[64 x 576]^T over the 16-column k steps [kk0, kk1) by warpgroup 0 (step kk reads 16
+// columns, 32 bytes into a column block); `first_zeroes`: the first step overwrites S instead of accumulating.
+template <int kk0, int kk1, bool first_zeroes>
+__device__ __forceinline__ void qk_steps(float (&s)[32], uint32_t q, uint32_t kv) {
   fence_regs(s);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kKvDim / 16; ++kk) {
+  for (int kk = kk0; kk < kk1; ++kk) {
     const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > 0);
+    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), !(first_zeroes && kk == kk0));
   }
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(s);
+}
+
+// S = Q K^T over all 36 k steps (bf16 cache).
+__device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  qk_steps<0, kKvDim / 16, true>(s, q, kv);
+}
+
+// S columns times one of the stage's two per-token factors ({r, f}, see qk_gemm_fp8): register 4j + e holds column
+// 8j + 2 quad + (e & 1), so one 16-byte load gives the pair of both columns.
+template <bool kSecond>
+__device__ __forceinline__ void scale_cols_fp8(float (&s)[32], const float* fac, int quad) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
+    const float c0 = kSecond ? rf.y : rf.x, c1 = kSecond ? rf.w : rf.z;
+    s[4 * j] *= c0;
+    s[4 * j + 1] *= c1;
+    s[4 * j + 2] *= c0;
+    s[4 * j + 3] *= c1;
+  }
 }
 
 // e4m3 cache (the tile holds e4m3 * 2^-112, `fac` the stage's {r, f} per token, see kPow56): the k_pe part first
@@ -99,43 +121,10 @@ __device__ __forceinline__ void qk_gemm(float (&s)[32], uint32_t q, uint32_t kv)
 __device__ __forceinline__ void qk_gemm_fp8(float (&s)[32], uint32_t q, uint32_t kv, const float* fac, int quad) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  fence_regs(s);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = kVDim / 16; kk < kKvDim / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), kk > kVDim / 16);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(s);
-  // Register 4j + e holds column 8j + 2 quad + (e & 1): one 16-byte load gives {r, f} of both columns.
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
-    s[4 * j] *= rf.x;
-    s[4 * j + 1] *= rf.z;
-    s[4 * j + 2] *= rf.x;
-    s[4 * j + 3] *= rf.z;
-  }
-  fence_regs(s);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kVDim / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), 1);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(s);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
-    s[4 * j] *= rf.y;
-    s[4 * j + 1] *= rf.w;
-    s[4 * j + 2] *= rf.y;
-    s[4 * j + 3] *= rf.w;
-  }
+  qk_steps<kVDim / 16, kKvDim / 16, true>(s, q, kv);  // k_pe
+  scale_cols_fp8<false>(s, fac, quad);
+  qk_steps<0, kVDim / 16, false>(s, q, kv);  // c_kv, accumulated on top
+  scale_cols_fp8<true>(s, fac, quad);
 }
 
 // O[64 x 256] += P[64 x 64] V[64 x 256]: V's 256 columns are 4 column blocks of the tile (8 KB apart), 16 tokens are
