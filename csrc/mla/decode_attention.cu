@@ -56,27 +56,6 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int 
   }
 }
 
-// A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (bf16 schedule: warpgroup 1, idle during QK and the
-// softmax, loads alone), in two steps so that the block-table lookups run a tile ahead of the copies: kv_rows_wg
-// resolves this thread's 4 cache rows (kNoRow past the sequence end), load_kv_rows_wg issues the 36 cp.async. A row
-// index fits 32 bits: a cache of 2^32 - 1 rows of 1,152 bytes would not fit in any GPU's memory.
-constexpr uint32_t kNoRow = 0xFFFFFFFFu;
-__device__ __forceinline__ void kv_rows_wg(const DecodeParams& p, const Cursor& c, uint32_t (&rows)[4]) {
-#pragma unroll
-  for (int qt = 0; qt < 4; ++qt) {
-    const int tok = c.t * kBlockN + ((threadIdx.x & 127) >> 3) + 16 * qt;
-    rows[qt] = tok < c.len ? static_cast<uint32_t>(cache_row(p, c.b, tok)) : kNoRow;
-  }
-}
-__device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t dst, const uint32_t (&rows)[4]) {
-#pragma unroll
-  for (int qt = 0; qt < 4; ++qt) {
-    const bool ok = rows[qt] != kNoRow;
-    load_rows_bf16(dst, p.kv + (ok ? static_cast<int64_t>(rows[qt]) * (kKvDim * 2) : 0), ok,
-                   ((threadIdx.x & 127) >> 3) + 16 * qt);
-  }
-}
-
 // S[64 x 64] (+)= Q[64 x 576] K[64 x 576]^T over the 16-column k steps [kk0, kk1) by warpgroup 0 (step kk reads 16
 // columns, 32 bytes into a column block); `first_zeroes`: the first step overwrites S instead of accumulating.
 template <int kk0, int kk1, bool first_zeroes>

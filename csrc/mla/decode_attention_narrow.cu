@@ -14,7 +14,9 @@
 //   * O^T [512 x N] += V^T . P^T: each warpgroup owns 256 of the 512 value dims, 4 M-blocks x 4 k steps of wgmma
 //     m64nNk16 with A = the V part of the same tile read MN-major (trans-a), B = P^T. The accumulator is 2N registers
 //     per thread (32 or 64) instead of 128.
-// Loads: bf16 cache by all 256 threads with cp.async, two tiles ahead (the 64-row kernel lets warpgroup 1 load alone);
+// Loads: bf16 cache with cp.async by warpgroup 1 alone (idle during S^T and the softmax): tile k + 1 right after the
+// top barrier of tile k, from cache rows resolved during tile k - 1, so 2 CTA barriers per tile and no block-table
+// latency on the critical path (the 64-row kernel's schedule; notes/fp8d.md);
 // e4m3 cache by a producer warpgroup of decode_kv.cuh (exact e4m3 * 2^-112 conversion, per-token {r, f} scale slot).
 // Unlike the 64-row kernel's register producer, the one here (fp8_producer_ring) copies raw e4m3 tiles with cp.async
 // into a 3-stage shared-memory ring and converts them into ONE bf16 stage, so that 3 tiles stay in flight (the faster
@@ -92,10 +94,12 @@ __device__ __forceinline__ void pv_narrow(float (&o)[4][kN / 2], uint32_t sp, ui
 #pragma unroll
   for (int mb = 0; mb < 4; ++mb) fence_regs(o[mb]);
   wgmma_fence();
+  // k step outer, M-block inner: consecutive wgmmas write different accumulators, so a small-N wgmma never waits
+  // for the previous one's accumulation (each block still sums its k steps in the same order: identical results).
 #pragma unroll
-  for (int mb = 0; mb < 4; ++mb) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
+    for (int mb = 0; mb < 4; ++mb)
       wgmma_m64nNk16_ss<kN, 1>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
                                smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
   }
@@ -150,17 +154,17 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
     }
   }
 
-  auto issue_kv = [&](int k) {  // tile k of the run, at cursor ld (bf16 cache)
-    load_kv_bf16(p, base + L::kKV + (k & 1) * kTileBytes, ld);
-    ld.advance(p);
-  };
-  // cp.async groups: {Q, tile 0}, {tile 1}, then per tile k: [{Q of the next sequence}], {tile k + 2}; at the top of
-  // step k "all but the newest group" is tile k and its Q. e4m3: Q loads only.
+  // bf16 cp.async groups: {Q, tile 0} by all threads, then per tile k: {tile k + 1} (warpgroup 1, right after the top
+  // barrier, from cache rows it resolved one tile earlier), [{Q of the next sequence}]; at the top of step k
+  // everything outstanding is needed (wait 0). Warpgroup 1 is idle during S^T and the softmax, so neither the
+  // block-table latency nor the copy issue sits on the critical path (notes/fp8d.md; as the 64-row kernel).
+  // e4m3: Q loads only.
   load_q_narrow<kN>(p, sq, cur.b);
+  uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // bf16, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
-    issue_kv(0);
-    cp_async_commit();
-    if (count > 1) issue_kv(1);
+    load_kv_bf16(p, base + L::kKV, ld);  // tile 0 into stage 0
+    ld.advance(p);
+    if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
   }
   cp_async_commit();
 
@@ -190,9 +194,19 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
       mbar_wait(bar_full + 8 * (k & (kStages - 1)), (k >> (kStages - 1)) & 1);
       named_bar_sync<kThreads>(1);  // Q ready; P^T and alpha of the previous tile consumed
     } else {
-      cp_async_wait<1>();
+      cp_async_wait<0>();
       fence_proxy_async();
-      __syncthreads();  // tile k (and Q) ready for wgmma; P^T, alpha and the previous tile's buffers are free
+      // Tile k (and Q) ready for wgmma; P^T, alpha and stage (k + 1) & 1 (tile k - 1: S^T waited before the middle
+      // barrier of k - 1, PV by every thread before this one) are free.
+      __syncthreads();
+      if (wg == 1) {
+        if (k + 1 < count) {
+          load_kv_rows_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, next_rows);
+          ld.advance(p);
+          if (k + 2 < count) kv_rows_wg(p, ld, next_rows);  // its latency falls into S^T(k) + softmax(k)
+        }
+        cp_async_commit();
+      }
     }
     if (first) {  // O restarts through the PV wgmma's scale-d = 0
 #pragma unroll
@@ -321,21 +335,29 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
 #pragma unroll
       for (int jj = 0; jj < kCols; ++jj) a[jj] = s_alpha[col(jj)];
     }
+    // O *= alpha, skipped where it is the identity (every factor of the warp exactly 1: no column max moved; the
+    // usual case after a sequence's first tiles) or discarded (first tile: the PV restarts O). first is CTA-uniform,
+    // so the vote is warp-uniform.
+    if (!first) {
+      bool unit = true;
 #pragma unroll
-    for (int mb = 0; mb < 4; ++mb)
+      for (int jj = 0; jj < kCols; ++jj) unit = unit && a[jj] == 1.f;
+      if (!__all_sync(0xffffffffu, unit)) {
 #pragma unroll
-      for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
+        for (int mb = 0; mb < 4; ++mb)
+#pragma unroll
+          for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
+      }
+    }
     pv_narrow<kN>(o, sp, kv + wg * 4 * kColBlockBytes, first);
 
     if constexpr (kFp8) {
-      // Stage k & (kStages - 1) read (scale slot by WG0 before the middle barrier, V just now): every thread releases its own
-      // reads. P^T, alpha and the exchanges: the next top barrier.
+      // Stage k & (kStages - 1) read (scale slot by WG0 before the middle barrier, V just now): every thread
+      // releases its own reads. P^T, alpha and the exchanges: the next top barrier.
       mbar_arrive(bar_empty + 8 * (k & (kStages - 1)));
-    } else {
-      __syncthreads();  // both warpgroups done with tile k and P^T
-      if (k + 2 < count) issue_kv(k + 2);
-      cp_async_commit();
     }
+    // bf16: no bottom barrier; the next top barrier orders this PV's reads of stage k & 1 and P^T before their
+    // overwrites (tile k + 2 is issued after the top barrier of k + 1).
 
     if (last) {
       const int ns = __ldg(p.nsplit + cur.b);

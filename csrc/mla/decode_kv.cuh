@@ -71,6 +71,35 @@ __device__ __forceinline__ void load_kv_bf16(const DecodeParams& p, uint32_t dst
   }
 }
 
+// A [64 x 576] bf16 KV tile by the 128 threads of one warpgroup (bf16 schedule of both kernels: warpgroup 1, idle
+// during QK and the softmax, loads alone), in two steps so that the block-table lookups run a tile ahead of the
+// copies: kv_rows_wg resolves this thread's 4 cache rows (kNoRow past the sequence end), load_kv_rows_wg issues the
+// 36 cp.async. A row index fits 32 bits: a cache of 2^32 - 1 rows of 1,152 bytes would not fit in any GPU's memory.
+constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+// Branch-free, so that the 4 block-table loads are in flight together (a per-row branch made them 4 serialized L2
+// round trips): rows past the end look up the sequence's last token (a tile has at least one) and are then dropped.
+__device__ __forceinline__ void kv_rows_wg(const DecodeParams& p, const Cursor& c, uint32_t (&rows)[4]) {
+  int64_t cr[4];
+#pragma unroll
+  for (int qt = 0; qt < 4; ++qt) {
+    const int tok = c.t * kBlockN + ((threadIdx.x & 127) >> 3) + 16 * qt;
+    cr[qt] = cache_row(p, c.b, min(tok, c.len - 1));
+  }
+#pragma unroll
+  for (int qt = 0; qt < 4; ++qt) {
+    const int tok = c.t * kBlockN + ((threadIdx.x & 127) >> 3) + 16 * qt;
+    rows[qt] = tok < c.len ? static_cast<uint32_t>(cr[qt]) : kNoRow;
+  }
+}
+__device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t dst, const uint32_t (&rows)[4]) {
+#pragma unroll
+  for (int qt = 0; qt < 4; ++qt) {
+    const bool ok = rows[qt] != kNoRow;
+    load_rows_bf16(dst, p.kv + (ok ? static_cast<int64_t>(rows[qt]) * (kKvDim * 2) : 0), ok,
+                   ((threadIdx.x & 127) >> 3) + 16 * qt);
+  }
+}
+
 // ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
 // Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
 // part of a score relative to the c_kv part, f = s_c * 2^56 scales S and P for that token. With the converted tile
