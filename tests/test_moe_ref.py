@@ -624,10 +624,11 @@ def _assert_dispatch_equal(got, want, quant_fp8, what):
         assert torch.equal(sg[used], sw[used]), f"{what}: scales"
 
 
-# Above 4096 copies the single cooperative kernel: 8192 tokens give each CTA more row tiles than pipeline stages (the
-# ring refills), 1500 x 8 has skipped slots there.
+# Above 4096 copies the single cooperative kernel: 5000 x 6 (H = 5120) gives each CTA more row tiles than pipeline
+# stages (the ring refills), 1500 x 8 has skipped slots there. Above 32768 copies (8192 x 6) the count -> rank -> copy
+# kernels (+ the FP8 scales kernel).
 GPU_ROUTINGS = ROUTINGS + [("random", 2048, 6, 160), ("one_expert", 1000, 6, 64), ("not_routed", 333, 8, 256),
-                           ("random", 8192, 6, 64), ("not_routed", 1500, 8, 256)]
+                           ("random", 8192, 6, 64), ("not_routed", 1500, 8, 256), ("random", 5000, 6, 160)]
 
 
 @pytest.mark.gpu
@@ -719,10 +720,12 @@ def test_kernel_decode_layer_cuda_graph():
 @pytest.mark.gpu
 @requires_cuda_kernel("dispatch_contiguous")
 @requires_cuda_kernel("dispatch_masked")
-def test_kernel_dispatch_large_cuda_graph():
-    """Above 4096 copies the dispatch is one cooperative kernel (a grid barrier, TMA loads and stores): captured in a
-    graph and replayed, it gives the same bits as run eagerly."""
-    t, k, e, h = 2048, 6, 160, 2048
+@pytest.mark.parametrize("t", [2048, 8192])
+def test_kernel_dispatch_large_cuda_graph(t):
+    """Above 4096 copies the dispatch is one cooperative kernel (a grid barrier, TMA loads and stores), above 32768
+    (t = 8192) four kernels (count, rank, copy, FP8 scales; ordinary edges under capture): captured in a graph and
+    replayed, they give the same bits as run eagerly."""
+    k, e, h = 6, 160, 2048
     hidden, ids = _cuda(hidden_for(t, h, seed=21), routing("random", t, k, e, seed=21))
     calls = [lambda: moe.dispatch_contiguous(hidden, ids, e, 128, True),
              lambda: moe.dispatch_masked(hidden, ids, e, 64, True)]

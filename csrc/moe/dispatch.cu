@@ -26,7 +26,10 @@
 //     three kernels, each a programmatic dependent of the previous one,
 //     on rank chunks of <= 4096 consecutive flat copies: dispatch_count_kernel (chunk histograms), dispatch_rank_kernel
 //     (token_row, offsets / counts, row_expert; its local ranking runs before it waits on the counts) and
-//     dispatch_copy_kernel (rows loaded into registers before it waits on the ranks, then 16-byte stores).
+//     dispatch_copy_kernel (rows loaded into registers before it waits on the ranks, then 16-byte stores). FP8: the
+//     copy kernel writes the scales once per token (token-major scratch; the rank kernel records each row's token)
+//     and a fourth kernel, dispatch_scales_kernel (a programmatic dependent of the copy kernel), writes the
+//     column-major scales in whole 32-byte sectors.
 //
 // FP8 matches fp8.quant_per_token_group_ref bit for bit through the quantizer's own helpers (fp8/quant_common.cuh).
 
@@ -86,6 +89,12 @@ struct Params {
   int tile_tokens;   // token rows per pipeline stage
   int stage_bytes;   // bytes per stage (a multiple of 128)
   int stages;        // pipeline stages
+  // FP8 count -> rank -> copy path: the scales go through a token-major buffer and are written column-major by
+  // dispatch_scales_kernel (write_scale_block)
+  float* tok_scales;   // [T, groups4] group scales of each token (16-byte aligned rows)
+  int32_t* row_token;  // [E * max_m] (masked) or [R]: token of each row that holds a copy (others never written)
+  int groups4;         // round_up(H / 128, 4)
+  int scale_tasks;     // write_scale_block tasks: blocks of 32 rows (masked: of one expert) x groups4 / 4
 };
 
 __device__ __forceinline__ int valid_expert(int e, int num_experts) { return e >= 0 && e < num_experts ? e : -1; }
@@ -219,6 +228,44 @@ __device__ __forceinline__ int64_t scale_index(const Params& p, int d, int64_t g
   }
 }
 
+// FP8, one warp, once row_token, tok_scales and row_expert (contiguous) / counts (masked) are complete and visible:
+// the column-major scales of 32 consecutive output rows (masked: of one expert) and groups [4 gc, 4 gc + 4) from the
+// token-major scales, one 16-byte load per row. A group's 32 scales are consecutive in the column-major layout, so
+// each store is whole 32-byte sectors (one 4-byte store per copy and group from the copy kernel, the way the rows
+// go, made every scale its own partial-sector L2 write: as many write requests as the e4m3 row lines). Rows that
+// hold no copy (padding, the unused tail, positions >= counts[e]) are skipped: their scales are unspecified, like
+// their rows.
+template <bool kMasked>
+__device__ __forceinline__ void write_scale_block(const Params& p, int task) {
+  const int chunks = p.groups4 / 4, blk = task / chunks, gc = task - blk * chunks, lane = threadIdx.x & 31;
+  int r = -1, t = -1;
+  bool used = false;
+  if constexpr (kMasked) {
+    const int mblocks = (p.max_m - 1) / 32 + 1, e = blk / mblocks, m = (blk - e * mblocks) * 32 + lane;
+    const int count = __ldcg(p.meta + e);  // warp-uniform: the whole block is skipped past the expert's copies
+    if (m < p.max_m && m < count) {
+      r = e * p.max_m + m;
+      t = __ldcg(p.row_token + r);
+      used = true;
+    }
+  } else {
+    r = blk * 32 + lane;
+    if (r < p.num_rows) {
+      t = __ldcg(p.row_token + r);  // garbage where no copy landed: used only where row_expert says it is a copy
+      used = __ldcg(p.row_expert + r) >= 0;
+    }
+  }
+  if (!used) return;
+  const float4 v = __ldcg(reinterpret_cast<const float4*>(p.tok_scales + static_cast<int64_t>(t) * p.groups4) + gc);
+  const float vs[4] = {v.x, v.y, v.z, v.w};
+  const int groups = p.hidden_size / kGroup;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int g = gc * 4 + q;
+    if (g < groups) p.scales[scale_index<kMasked>(p, r, g)] = vs[q];
+  }
+}
+
 // One pass of a CTA over its token rows [t0, t0 + n): each thread holds 8 16-byte vectors of hidden (128 bytes in
 // flight per thread). An item is one vector (bf16) or 16 values = 2 vectors (FP8: 8 lanes per 128-group); item i is
 // unit i % units of token t0 + i / units, and a pass covers items base + j * kThreads + tid, j < kItems.
@@ -258,9 +305,12 @@ struct Tile {
     }
   }
 
-  // tr: token_row of the CTA's tokens (shared memory, or global where it does not fit).
-  template <bool kMasked>
-  __device__ __forceinline__ void store(const Params& p, int units, int items, int base, const int32_t* tr) const {
+  // tr: token_row of the CTA's tokens [t0, ...) (shared memory, or global where it does not fit). FP8: kTokScales
+  // writes each group's scale once per token to p.tok_scales (dispatch_scales_kernel writes the column-major ones),
+  // else once per destination straight into p.scales.
+  template <bool kMasked, bool kTokScales>
+  __device__ __forceinline__ void store(const Params& p, int t0, int units, int items, int base,
+                                        const int32_t* tr) const {
     const int k = p.top_k, H = p.hidden_size;
     const int64_t row_bytes = static_cast<int64_t>(H) * (kFp8 ? 1 : 2);
     char* out = static_cast<char*>(p.rows);
@@ -278,12 +328,15 @@ struct Tile {
           if (d >= 0) *reinterpret_cast<uint4*>(out + d * row_bytes + u * 16) = val;
         }
         if constexpr (kFp8) {
-          // The group's scale, once per destination: the 8 lanes of the group take the slots in turn.
           const int64_t g = u / (kGroup / kValues);
-          for (int s = threadIdx.x & 7; s < k; s += 8) {
-            const int d = trt[s];
-            if (d < 0) continue;
-            p.scales[scale_index<kMasked>(p, d, g)] = scale[j];
+          if constexpr (kTokScales) {  // the first lane of the group's 8 (a warp: 4 consecutive groups, 16 bytes)
+            if ((threadIdx.x & 7) == 0) p.tok_scales[static_cast<int64_t>(t0 + tl) * p.groups4 + g] = scale[j];
+          } else {  // once per destination: the 8 lanes of the group take the slots in turn
+            for (int s = threadIdx.x & 7; s < k; s += 8) {
+              const int d = trt[s];
+              if (d < 0) continue;
+              p.scales[scale_index<kMasked>(p, d, g)] = scale[j];
+            }
           }
         }
       }
@@ -386,6 +439,7 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_rank_kernel(co
           dest = s_off[e] + rank;
       }
       p.token_row[i] = dest;
+      if (p.row_token != nullptr && dest >= 0) p.row_token[dest] = static_cast<int>(i) / p.top_k;  // FP8
     }
   }
 
@@ -403,10 +457,14 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_rank_kernel(co
   }
 }
 
-// Pure copy of cta_tokens tokens per CTA, once token_row is known (dispatch_rank_kernel).
+// Pure copy of cta_tokens tokens per CTA, once token_row is known (dispatch_rank_kernel). FP8: the scales once per
+// token into p.tok_scales; dispatch_scales_kernel (its programmatic dependent) writes the column-major ones.
 template <bool kMasked, bool kFp8>
 __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_copy_kernel(const __grid_constant__ Params p) {
   __shared__ int32_t s_tr[kTileCopies];
+  // dispatch_scales_kernel launches as the last wave starts (its CTAs take the SM slots this kernel frees); it
+  // touches nothing before its griddep_wait, which returns once this kernel has completed.
+  if constexpr (kFp8) griddep_launch_dependents();
   const int k = p.top_k;
   const int t0 = blockIdx.x * p.cta_tokens;
   const int t1 = min(t0 + p.cta_tokens, p.tokens);
@@ -424,10 +482,21 @@ __global__ void __launch_bounds__(kThreads, kCopyBlocks) dispatch_copy_kernel(co
       __syncthreads();
     }
     if (tile_copies <= kTileCopies)
-      tile.template store<kMasked>(p, units, items, base, s_tr);
+      tile.template store<kMasked, true>(p, t0, units, items, base, s_tr);
     else
-      tile.template store<kMasked>(p, units, items, base, tr);
+      tile.template store<kMasked, true>(p, t0, units, items, base, tr);
   }
+}
+
+// FP8 after dispatch_copy_kernel (a programmatic dependent): the column-major scales, a warp per write_scale_block
+// task. Its griddep_wait covers the copy kernel (tok_scales) and, transitively, the rank kernel (row_token,
+// row_expert, counts): every copy CTA waits on the rank kernel before it can finish.
+template <bool kMasked>
+__global__ void __launch_bounds__(kThreads) dispatch_scales_kernel(const __grid_constant__ Params p) {
+  griddep_wait();
+  const int warp = threadIdx.x >> 5;
+  for (int task = blockIdx.x * kWarps + warp; task < p.scale_tasks; task += gridDim.x * kWarps)
+    write_scale_block<kMasked>(p, task);
 }
 
 // ---- one cooperative kernel (more than kFusedMaxCopies copies) ---------------------------------------------------
@@ -805,9 +874,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(const __grid_c
     if (base > 0) tile.load(p, t0, units, items, base);
     tile.quantize();
     if (tr_smem)
-      tile.template store<kMasked>(p, units, items, base, s_tr);
+      tile.template store<kMasked, false>(p, t0, units, items, base, s_tr);
     else
-      tile.template store<kMasked>(p, units, items, base, p.token_row + static_cast<int64_t>(t0) * k);
+      tile.template store<kMasked, false>(p, t0, units, items, base, p.token_row + static_cast<int64_t>(t0) * k);
   }
 }
 
@@ -838,6 +907,25 @@ void check_dispatch(const char* op, const at::Tensor& hidden, const at::Tensor& 
              "], got ", num_experts);
   DSV2_CHECK(topk_ids.numel() <= std::numeric_limits<int>::max() - 32, op, "topk_ids",
              "has too many entries for the CUDA kernel: ", topk_ids.numel());
+}
+
+// The count -> rank -> copy path's one int32 scratch buffer (kept alive by the caller until the kernels are
+// enqueued): FP8 token scales [T, groups4] first (16-byte aligned rows), row_token, then hist_cells rank-chunk
+// histogram cells. Sets p's pointers to it.
+at::Tensor alloc_scratch(Params& p, bool fp8, bool masked, int64_t tokens, int64_t hist_cells,
+                         const at::Tensor& hidden) {
+  const int64_t groups4 = fp8 ? (p.hidden_size / kGroup + 3) / 4 * 4 : 0;
+  const int64_t out_rows = fp8 ? (masked ? int64_t{p.experts} * p.max_m : int64_t{p.num_rows}) : 0;
+  const int64_t blocks = masked ? int64_t{p.experts} * ((p.max_m - 1) / 32 + 1) : (out_rows + 31) / 32;
+  at::Tensor buf = at::empty({tokens * groups4 + out_rows + hist_cells}, hidden.options().dtype(at::kInt));
+  int32_t* base = buf.data_ptr<int32_t>();
+  p.tok_scales = fp8 ? reinterpret_cast<float*>(base) : nullptr;
+  p.row_token = fp8 ? base + tokens * groups4 : nullptr;
+  p.groups4 = static_cast<int>(groups4);
+  // fewer tasks than the scales tensor has 512-byte blocks: within int
+  p.scale_tasks = fp8 ? static_cast<int>(blocks * (groups4 / 4)) : 0;
+  p.chunk_hist = base + tokens * groups4 + out_rows;
+  return buf;
 }
 
 template <typename Kernel, typename... Args>
@@ -954,10 +1042,9 @@ void launch(Params& p, bool quant_fp8, int64_t tokens, at::Tensor& chunk_hist_bu
   const int64_t chunks = (copies + chunk_copies - 1) / chunk_copies;
   p.chunk_copies = static_cast<int>(chunk_copies);
   p.chunks = static_cast<int>(chunks);
-  chunk_hist_buf = at::empty({chunks, p.experts}, hidden.options().dtype(at::kInt));
-  p.chunk_hist = chunk_hist_buf.data_ptr<int32_t>();
-  dispatch_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-      p.ids, chunk_hist_buf.data_ptr<int32_t>(), copies, p.experts, p.chunk_copies);
+  chunk_hist_buf = alloc_scratch(p, quant_fp8, kMasked, tokens, chunks * p.experts, hidden);
+  dispatch_count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(p.ids, p.chunk_hist, copies,
+                                                                               p.experts, p.chunk_copies);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Programmatic launches put the three kernels in flight together (the copy kernel's loads overlap the count and
   // rank kernels). Not while a CUDA graph is being captured: an ordinary edge there is certain to capture on every
@@ -970,6 +1057,12 @@ void launch(Params& p, bool quant_fp8, int64_t tokens, at::Tensor& chunk_hist_bu
   else
     launch_dependent(programmatic, dispatch_copy_kernel<kMasked, false>, grid, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (quant_fp8) {  // the column-major scales from the copy kernel's token-major ones: up to 8 CTAs per SM
+    const int64_t ctas_max = int64_t{sm_count(hidden.get_device())} * 8;
+    const int64_t scale_ctas = std::clamp<int64_t>((p.scale_tasks + kWarps - 1) / kWarps, 1, ctas_max);
+    launch_dependent(programmatic, dispatch_scales_kernel<kMasked>, static_cast<unsigned>(scale_ctas), stream, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 const at::Tensor aligned_hidden(const at::Tensor& hidden) {
@@ -992,6 +1085,10 @@ void fill_common(Params& p, const at::Tensor& hidden, const at::Tensor& topk_ids
   p.max_m = 1;
   p.num_rows = 0;
   p.scale_pad = 0;
+  p.tok_scales = nullptr;
+  p.row_token = nullptr;
+  p.groups4 = 0;
+  p.scale_tasks = 0;
 }
 
 }  // namespace
