@@ -16,11 +16,12 @@ tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine 
 
 Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tables and the misses):
 * Memory-bound bf16 (H * s_q <= 32): predicted 3.3-3.6 TB/s at s_k >= 4096 once the MMAs stop padding to 64 rows;
-  measured 3.76 (H=16), 3.36 (32 rows), up to 4.26 at 16384 (reads only: above the 4.2 TB/s read+write copy
-  ceiling). s_k = 1024: 3.07 fixed, 2.66 variable (H=16); the fixed ~10 us of metadata, fill and combine weigh more.
-* H = 128 bf16: compute-bound; predicted 420-445 TFLOP/s with the pipelined loads, measured 457-480.
+  measured 3.76 (H=16), 3.54 (H=32), up to 4.26 at 16384 (reads only: above the 4.2 TB/s read+write copy
+  ceiling). s_k = 1024: 3.13 / 3.01 fixed, 2.73 / 2.51 variable (H=16 / 32); the fixed ~10 us of metadata, fill and
+  combine weigh more there.
+* H = 128 bf16: compute-bound; predicted 420-445 TFLOP/s with the pipelined loads, measured 464-480.
 * FP8 cache: half the bytes, but the e4m3 -> bf16 conversion and the narrow consumers are not yet overlapped well:
-  predicted ~1.6x bf16 tokens/s, measured 0.91-0.94x (H=16); H = 128 FP8 ~325-360 TFLOP/s.
+  predicted ~1.6x bf16 tokens/s, measured 0.91-0.95x (H=16), 0.83x (H=32); H = 128 FP8 ~325-360 TFLOP/s.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """

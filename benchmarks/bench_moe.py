@@ -21,8 +21,9 @@ Prediction (H200, 4.2 TB/s copy ceiling):
     segmented sorts: ~100-300 us at T = 16384, so >= 5x there.
   * dispatch: writes are 3/4 (fp8) to 6/7 (bf16) of the traffic. Up to 32768 copies one cooperative kernel (row
     loads in flight while the copies are ranked, one grid barrier, TMA bulk stores); beyond, count -> rank -> copy
-    kernels chained by programmatic launch. Predicted 85-93 % (bf16) and 75-88 % (fp8) at T = 4096; measured
-    72-81 % and 49-61 % (RESULTS.md explains the miss); decode (T <= 128) ~5-8 us, a single kernel. The reference
+    kernels chained by programmatic launch (FP8: + a scales kernel that writes the column-major scales in whole
+    sectors). Predicted 85-93 % (bf16) and 75-88 % (fp8) at T = 4096; measured 72-81 % and 48-62 % (RESULTS.md
+    explains the miss), fp8 68-77 % at T = 16384; decode (T <= 128) ~5-8 us, a single kernel. The reference
     (sort, index_put of whole rows, quantization of all R rows incl. padding) is >= 10x slower from T = 256 on.
   * combine: a gather of whole 4-10 KB rows with k loads in flight per thread: ~3.5-3.8 TB/s (85-90%) from
     T = 4096 on; the reference does k gathers + fp32 temporaries, >= 5x slower.
