@@ -16,14 +16,15 @@
 //     per thread (32 or 64) instead of 128.
 // Loads: bf16 cache with cp.async by warpgroup 1 alone (idle during S^T and the softmax): tile k + 1 right after the
 // top barrier of tile k, from cache rows resolved during tile k - 1, so 2 CTA barriers per tile and no block-table
-// latency on the critical path (the 64-row kernel's schedule; notes/fp8d.md);
+// latency on the critical path (the 64-row kernel's schedule);
 // e4m3 cache by a producer warpgroup of decode_kv.cuh (exact e4m3 * 2^-112 conversion, per-token {r, f} scale slot).
 // Unlike the 64-row kernel's register producer, the one here (fp8_producer_ring) copies raw e4m3 tiles with cp.async
 // into a 3-stage shared-memory ring and converts them into ONE bf16 stage, so that 3 tiles stay in flight (the faster
-// consumers left the one-tile register pipeline as the limit, notes/fp8n.md; the register producer measured slower
+// consumers left the one-tile register pipeline as the limit; the register producer measured slower
 // at every shape). The scale folding is the same: S rows (tokens) scaled by r between the k_pe and c_kv parts of S^T
 // and by f after, P^T columns (tokens) by f.
-// Every consumer thread arrives on the e4m3 stage's empty barrier itself (see notes/decode_race.md).
+// Every consumer thread arrives on the e4m3 stage's empty barrier itself: one elected arrival after a __syncwarp
+// does not order the other lanes' reads of the stage before the producer's next write (racecheck found that hazard).
 
 #include "../common/torch_cuda.h"
 
@@ -44,7 +45,7 @@ using mla_prefill::named_bar_sync;
 // column-max and row-sum exchanges of warpgroup 0 ([4 warps][kN] each), per column alpha / final l / final m, e4m3
 // mbarriers full[kStages], empty[kStages], and (e4m3) the producer's raw e4m3 ring.
 // bf16: 2 bf16 stages. e4m3: 1 bf16 stage + kRawStages raw stages (227 KB holds 2 + 1 or 1 + 3; only the second
-// keeps more than one tile in flight, notes/fp8n.md).
+// keeps more than one tile in flight).
 constexpr int kRawStages = 3;
 template <bool kFp8, int kN>
 struct NarrowSmem {
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   // bf16 cp.async groups: {Q, tile 0} by all threads, then per tile k: {tile k + 1} (warpgroup 1, right after the top
   // barrier, from cache rows it resolved one tile earlier), [{Q of the next sequence}]; at the top of step k
   // everything outstanding is needed (wait 0). Warpgroup 1 is idle during S^T and the softmax, so neither the
-  // block-table latency nor the copy issue sits on the critical path (notes/fp8d.md; as the 64-row kernel).
+  // block-table latency nor the copy issue sits on the critical path (as in the 64-row kernel).
   // e4m3: Q loads only.
   load_q_narrow<kN>(p, sq, cur.b);
   uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // bf16, warpgroup 1: the cache rows of tile `ld`
