@@ -175,9 +175,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   load_q(p, base + L::kQ, cur.b, m_block);
   uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // bf16, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
-    load_kv_bf16(p, base + L::kKV, ld);  // tile 0 into stage 0
-    ld.advance(p);
-    if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
+    bf16_first_tile(p, base + L::kKV, ld, wg, count, next_rows);
   }
   cp_async_commit();
 
@@ -202,14 +200,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile k (and Q) ready for wgmma; P, alpha and stage (k + 1) & 1 (tile k - 1) are free
-      if (wg == 1) {
-        if (k + 1 < count) {
-          load_kv_rows_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, next_rows);
-          ld.advance(p);
-          if (k + 2 < count) kv_rows_wg(p, ld, next_rows);  // its latency falls into QK(k) + softmax(k)
-        }
-        cp_async_commit();
-      }
+      if (wg == 1) bf16_next_tile(p, base + L::kKV, ld, k, count, next_rows);
     }
     if (first) {  // O restarts through the PV wgmma's scale-d = 0 (no register writes here)
       m_lo = m_hi = -INFINITY;

@@ -163,9 +163,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   load_q_narrow<kN>(p, sq, cur.b);
   uint32_t next_rows[4] = {kNoRow, kNoRow, kNoRow, kNoRow};  // bf16, warpgroup 1: the cache rows of tile `ld`
   if constexpr (!kFp8) {
-    load_kv_bf16(p, base + L::kKV, ld);  // tile 0 into stage 0
-    ld.advance(p);
-    if (wg == 1 && count > 1) kv_rows_wg(p, ld, next_rows);
+    bf16_first_tile(p, base + L::kKV, ld, wg, count, next_rows);
   }
   cp_async_commit();
 
@@ -200,14 +198,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
       // Tile k (and Q) ready for wgmma; P^T, alpha and stage (k + 1) & 1 (tile k - 1: S^T waited before the middle
       // barrier of k - 1, PV by every thread before this one) are free.
       __syncthreads();
-      if (wg == 1) {
-        if (k + 1 < count) {
-          load_kv_rows_wg(p, base + L::kKV + ((k + 1) & 1) * kTileBytes, next_rows);
-          ld.advance(p);
-          if (k + 2 < count) kv_rows_wg(p, ld, next_rows);  // its latency falls into S^T(k) + softmax(k)
-        }
-        cp_async_commit();
-      }
+      if (wg == 1) bf16_next_tile(p, base + L::kKV, ld, k, count, next_rows);
     }
     if (first) {  // O restarts through the PV wgmma's scale-d = 0
 #pragma unroll

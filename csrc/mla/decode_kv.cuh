@@ -99,6 +99,26 @@ __device__ __forceinline__ void load_kv_rows_wg(const DecodeParams& p, uint32_t 
                    ((threadIdx.x & 127) >> 3) + 16 * qt);
   }
 }
+// The bf16 schedule of both kernels around those two steps. bf16_first_tile: tile 0 into stage 0 by all threads (one
+// cp.async group with the Q loads, committed by the caller), `ld` moved past it, and warpgroup 1 resolves tile 1's
+// rows. bf16_next_tile (warpgroup 1, right after the top barrier of tile k, which proves stage (k + 1) & 1 free):
+// tile k + 1 into that stage from the rows resolved a tile earlier, then tile k + 2's rows, whose latency falls into
+// tile k's Q K^T and softmax; one cp.async group per tile, empty past the end.
+__device__ __forceinline__ void bf16_first_tile(const DecodeParams& p, uint32_t kv0, Cursor& ld, int wg, int count,
+                                                uint32_t (&rows)[4]) {
+  load_kv_bf16(p, kv0, ld);
+  ld.advance(p);
+  if (wg == 1 && count > 1) kv_rows_wg(p, ld, rows);
+}
+__device__ __forceinline__ void bf16_next_tile(const DecodeParams& p, uint32_t kv0, Cursor& ld, int k, int count,
+                                               uint32_t (&rows)[4]) {
+  if (k + 1 < count) {
+    load_kv_rows_wg(p, kv0 + ((k + 1) & 1) * kTileBytes, rows);
+    ld.advance(p);
+    if (k + 2 < count) kv_rows_wg(p, ld, rows);
+  }
+  cp_async_commit();
+}
 
 // ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
 // Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
