@@ -1,0 +1,490 @@
+// fp8_grouped_gemm_contiguous, our own sm_90a kernel (DSV2_FP8_GEMM_IMPL=ours; the default stays CUTLASS's until this
+// one is measured): row r of a [R, K] times expert row_expert[r]'s weight [N, K], block-scaled e4m3 in, bf16 out.
+// Same inputs, outputs and unwritten rows as fp8_grouped_gemm_contiguous.cu (the segment scan is shared:
+// contiguous_segments.cuh). Design and measurements: notes/gemm_own.md.
+//
+// One persistent CTA per SM, 384 threads:
+//   * warpgroup 2 (threads 256..383) is the producer: one thread issues the TMA loads of every K block of every tile
+//     of this CTA into a ring of kStages stages (A 128 x 128 e4m3, B BN x 128 e4m3, both 128-byte swizzled, and the
+//     128 activation scales of the K block), each stage guarded by a full barrier (1 arrival + the TMA bytes) and an
+//     empty barrier (one arrival per consumer warp);
+//   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile: per K block four
+//     m64nBNk32 e4m3 wgmmas into a partial fp32 accumulator, wait, release the stage, then the promotion
+//     final += partial * (a_scale[row] * b_scale[kb, column block]) in fp32. The two warpgroups share the tensor
+//     core: one promotes while the other's wgmmas run. After the last K block each writes its 64 rows as bf16 to a
+//     padded staging buffer and stores them with 16-byte stores, skipping rows beyond the expert's valid rows.
+//
+// Tiles: expert e's valid rows [first_e, first_e + m_e) form ceil(m_e / 128) m-blocks (padding rows are never
+// computed: whole padding blocks have no tile), times ceil(N / BN) n-blocks. Tile order: expert after expert; inside
+// an expert n-block major, m-block minor, so the CTAs running at the same time share each B tile (read from HBM once)
+// and the expert's few A blocks. CTA c takes tiles c, c + grid, ... A tile whose valid rows fit in 64 runs the
+// first consumer warpgroup only (the second waits the stages and releases them): the tail of an expert costs half a
+// tile of tensor time, 64-row granularity as CUTLASS's 64-row kernel gives, without a second kernel.
+//
+// Tail tiles (<= 64 valid rows) load 64 A rows (a second A tensor map with a 64-row box): fewer L2 bytes per FLOP.
+//
+// Scales: a_scale from the column-major activation scales by TMA (a 2D map [K/128, R] of fp32, box 128 x 1), b_scale
+// read by each consumer thread from global memory (L2-resident, E * N/128 * K/128 floats) before the wgmmas of the
+// K block are issued, so its latency hides under them. A BN that is not a multiple of 128 lets a tile straddle two
+// weight-scale blocks: each 8-column group picks its block's scale (the split falls on a multiple of 32 columns).
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include "../common/pdl.cuh"
+#include "../common/sm90.cuh"
+#include "contiguous_segments.cuh"
+#include "gemm_common.cuh"
+
+namespace dsv2 {
+namespace fp8 {
+namespace {
+
+using sm90::fence_mbar_init;
+using sm90::fence_regs;
+using sm90::mbar_arrive;
+using sm90::mbar_arrive_expect_tx;
+using sm90::mbar_init;
+using sm90::mbar_wait;
+using sm90::named_bar_sync;
+using sm90::setmaxnreg_dec;
+using sm90::setmaxnreg_inc;
+using sm90::smem_desc;
+using sm90::smem_u32;
+using sm90::tma_load_2d;
+using sm90::tma_load_3d;
+using sm90::tma_prefetch_desc;
+using sm90::wgmma_commit;
+using sm90::wgmma_fence;
+using sm90::wgmma_wait;
+
+constexpr int kBM = 128;                  // rows per tile: two consumer warpgroups x 64
+constexpr int kBK = kBlock;               // K per stage = the scale group: one promotion per stage
+constexpr int kMaxExperts = 256;          // segments kept in shared memory (more: the CUTLASS kernel runs)
+constexpr int kThreads = 384;             // consumers: threads 0..255, producer: 256..383
+constexpr int kConsumerWarps = 8;         // arrivals per empty barrier phase
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register reallocation exceeds the budget");
+constexpr int kSmemLimit = 232448;        // 227 KB opt-in per block on sm_90
+
+// ---- FP8 wgmma shapes: D[64 x N] (+)= A[64 x 32] * B[32 x N], e4m3 inputs K-major in shared memory, fp32 D ----------
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                         int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+      " %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
+                                                         int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95},"
+      " %96, %97, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+
+template <int BN>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(BN == 128 || BN == 192, "instantiated N tiles: 128, 192");
+  if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n192k32_e4m3(d, desc_a, desc_b, scale_d);
+}
+
+// Shared-memory plan of one BN (offsets from a 1024-byte aligned base: the 128-byte swizzle is computed from address
+// bits, so every swizzled tile starts 1024-aligned).
+template <int BN>
+struct Plan {
+  static constexpr int kAccum = BN / 2;             // fp32 registers of one m64nBN accumulator per thread
+  static constexpr int kABytes = kBM * kBK;         // 16 KB
+  static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
+  static constexpr int kSfaBytes = kBM * 4;         // 128 activation scales
+  static constexpr int kStageTx = kABytes + kBBytes + kSfaBytes;  // TMA bytes per stage (boxes count whole)
+  static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
+                                                    // conflict-free (rows 4 banks apart)
+  static constexpr int kOutBytes = kBM * kOutPitch;
+  static constexpr int kSegBytes = (3 * kMaxExperts + 1) * 4;  // first[E], m[E], m-block prefix[E + 1]
+  static constexpr int kFixed = kOutBytes + kSegBytes + 256;    // + mbarriers
+  static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kStageTx > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kStageTx;
+  static constexpr int kA = 0;
+  static constexpr int kB = kA + kStages * kABytes;
+  static constexpr int kSfa = kB + kStages * kBBytes;
+  static constexpr int kOut = kSfa + kStages * kSfaBytes;
+  static constexpr int kSeg = kOut + kOutBytes;
+  static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages]
+  static constexpr int kBytes = kBar + 2 * kStages * 8;
+  static constexpr int kDynamic = kBytes + 1024;    // + alignment slack of the dynamic shared-memory base
+  static_assert(kBBytes % 1024 == 0 && kStages >= 3, "stage plan");
+  static_assert(kDynamic <= kSmemLimit, "shared memory");
+};
+
+struct Params {
+  const int2* seg;          // [E] (first row, valid rows) from the scan
+  const float* sfb;         // [E, N/128, K/128] weight scales
+  __nv_bfloat16* out;       // [R, N]
+  int num_experts, n, k_blocks, n_scale_blocks, n_tiles;  // n_tiles = ceil(N / BN)
+};
+
+// One output tile: expert e, rows [row0, row0 + rows) of a and out (rows <= 128 valid), columns [n0, n0 + BN).
+struct Tile {
+  int e, row0, rows, n0;
+};
+
+// Tile t of the order described at the top. s_blk[e] = m-blocks of the experts before e (s_blk[kMaxExperts] = all).
+template <int BN>
+__device__ __forceinline__ Tile decode_tile(int t, const int* s_first, const int* s_m, const int* s_blk,
+                                            int n_tiles) {
+  const int g = t / n_tiles;  // the tile's rank among m-blocks, counted expert by expert
+  int lo = 0, hi = kMaxExperts - 1;  // first e with s_blk[e + 1] > g (experts without rows are never picked)
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (s_blk[mid + 1] > g) hi = mid;
+    else lo = mid + 1;
+  }
+  const int blocks = s_blk[lo + 1] - s_blk[lo];
+  const int local = t - s_blk[lo] * n_tiles;
+  const int nb = local / blocks, mb = local - nb * blocks;
+  Tile tile;
+  tile.e = lo;
+  tile.row0 = s_first[lo] + mb * kBM;
+  tile.rows = min(kBM, s_m[lo] - mb * kBM);
+  tile.n0 = nb * BN;
+  return tile;
+}
+
+template <int BN>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
+                              const __grid_constant__ CUtensorMap tma_b, const __grid_constant__ CUtensorMap tma_sfa,
+                              const Params p) {
+  using P = Plan<BN>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t base = smem_u32(smem);
+  int* s_first = reinterpret_cast<int*>(smem + P::kSeg);
+  int* s_m = s_first + kMaxExperts;
+  int* s_blk = s_m + kMaxExperts;  // kMaxExperts + 1 entries
+  auto full_bar = [&](int s) { return base + P::kBar + 8 * s; };
+  auto empty_bar = [&](int s) { return base + P::kBar + 8 * (P::kStages + s); };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 256) {
+    for (int s = 0; s < P::kStages; ++s) {
+      mbar_init(full_bar(s), 1);
+      mbar_init(empty_bar(s), kConsumerWarps);
+    }
+    fence_mbar_init();
+    tma_prefetch_desc(&tma_a);
+    tma_prefetch_desc(&tma_a64);
+    tma_prefetch_desc(&tma_b);
+    tma_prefetch_desc(&tma_sfa);
+  }
+  // Everything above may overlap the scan kernel (programmatic launch); its segments are read below.
+  griddep_wait();
+  for (int e = tid; e < kMaxExperts; e += kThreads) {
+    const int2 seg = e < p.num_experts ? p.seg[e] : make_int2(0, 0);
+    s_first[e] = seg.x;
+    s_m[e] = seg.y;
+  }
+  __syncthreads();
+  if (warp == 0) {  // m-block prefix: lane l sums experts 8l .. 8l + 7, then a warp scan of the lane totals
+    static_assert(kMaxExperts == 32 * 8, "one warp, 8 experts per lane");
+    int blocks[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      blocks[j] = (s_m[8 * lane + j] + kBM - 1) / kBM;
+      sum += blocks[j];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += v;
+    }
+    int run = incl - sum;
+    if (lane == 0) s_blk[0] = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      run += blocks[j];
+      s_blk[8 * lane + j + 1] = run;
+    }
+  }
+  __syncthreads();  // also publishes the barrier initialisation
+  const int num_tiles = s_blk[kMaxExperts] * p.n_tiles;
+
+  if (warp >= kConsumerWarps) {
+    // ---- producer ----
+    setmaxnreg_dec<kProducerRegs>();
+    if (tid != 256) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+      const Tile tile = decode_tile<BN>(t, s_first, s_m, s_blk, p.n_tiles);
+      // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
+      const bool half = tile.rows <= 64;
+      const CUtensorMap* map_a = half ? &tma_a64 : &tma_a;
+      const uint32_t tx = half ? P::kStageTx - P::kABytes / 2 : P::kStageTx;
+      for (int kb = 0; kb < p.k_blocks; ++kb) {
+        mbar_wait(empty_bar(stage), phase ^ 1);  // the consumers released this stage's previous use
+        const uint32_t full = full_bar(stage);
+        mbar_arrive_expect_tx(full, tx);
+        tma_load_2d(base + P::kA + stage * P::kABytes, map_a, full, kb * kBK, tile.row0);
+        tma_load_3d(base + P::kB + stage * P::kBBytes, &tma_b, full, kb * kBK, tile.n0, tile.e);
+        tma_load_2d(base + P::kSfa + stage * P::kSfaBytes, &tma_sfa, full, tile.row0, kb);
+        if (++stage == P::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup wg owns rows 64 wg .. 64 wg + 63 of each tile ----
+  setmaxnreg_inc<kConsumerRegs>();
+  const int wg = tid / 128, wtid = tid % 128, wq = wtid / 32;
+  const int frag_row = 64 * wg + 16 * wq + lane / 4;  // accumulator rows frag_row and frag_row + 8 (tile rows)
+  constexpr int kChunks = BN / 8;                     // 16-byte chunks per output row
+  uint8_t* out_stage = smem + P::kOut;
+  float acc[P::kAccum], fin[P::kAccum];
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    const Tile tile = decode_tile<BN>(t, s_first, s_m, s_blk, p.n_tiles);
+    const bool active = tile.rows > 64 * wg;
+    // Weight-scale rows of the tile's first and last column blocks (the same unless BN straddles; clamped to a
+    // valid row where a partial last tile's columns run past N: those columns are never stored).
+    const int sb_col = tile.n0 / kBlock;
+    const float* sfb0 = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks + sb_col) * p.k_blocks;
+    const float* sfb1 = sfb0 + (sb_col + 1 < p.n_scale_blocks ? p.k_blocks : 0);
+    const int split = kBlock - tile.n0 % kBlock;  // first column of the second scale block (>= BN: none)
+#pragma unroll
+    for (int i = 0; i < P::kAccum; ++i) fin[i] = 0.f;
+
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      mbar_wait(full_bar(stage), phase);
+      if (active) {
+        const float sb0 = __ldg(sfb0 + kb);
+        const float sb1 = BN % kBlock != 0 ? __ldg(sfb1 + kb) : sb0;
+        const float* sfa = reinterpret_cast<const float*>(smem + P::kSfa + stage * P::kSfaBytes);
+        const float sa_lo = sfa[frag_row], sa_hi = sfa[frag_row + 8];
+        const uint64_t da = smem_desc(base + P::kA + stage * P::kABytes + wg * 64 * 128, 16);
+        const uint64_t db = smem_desc(base + P::kB + stage * P::kBBytes, 16);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<BN>(acc, da + 2 * k, db + 2 * k, k);  // +32 bytes of K
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc);
+        // The stage's operands and scales are read: release it before the promotion.
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty_bar(stage));
+        const float lo0 = sa_lo * sb0, hi0 = sa_hi * sb0, lo1 = sa_lo * sb1, hi1 = sa_hi * sb1;
+#pragma unroll
+        for (int i = 0; i < P::kAccum / 4; ++i) {  // column group 8i .. 8i + 7
+          const bool second = BN % kBlock != 0 && 8 * i >= split;
+          const float lo = second ? lo1 : lo0, hi = second ? hi1 : hi0;
+          fin[4 * i + 0] = fmaf(acc[4 * i + 0], lo, fin[4 * i + 0]);
+          fin[4 * i + 1] = fmaf(acc[4 * i + 1], lo, fin[4 * i + 1]);
+          fin[4 * i + 2] = fmaf(acc[4 * i + 2], hi, fin[4 * i + 2]);
+          fin[4 * i + 3] = fmaf(acc[4 * i + 3], hi, fin[4 * i + 3]);
+        }
+      } else {
+        // Rows of this warpgroup are beyond the expert's valid rows: release the stage unread. Waiting for it
+        // first keeps this warp's arrivals in step with the stage's uses.
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty_bar(stage));
+      }
+      if (++stage == P::kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    if (!active) continue;
+
+    // ---- epilogue: bf16 through this warpgroup's 64 staged rows, 16-byte stores of the valid rows ----
+    named_bar_sync<128>(1 + wg);  // the previous tile's stores have read the staging rows
+    {
+      uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
+      uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
+#pragma unroll
+      for (int i = 0; i < P::kAccum / 4; ++i) {
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * i + 0], fin[4 * i + 1]);
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * i + 2], fin[4 * i + 3]);
+        *reinterpret_cast<__nv_bfloat162*>(r_lo + 16 * i) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = hi;
+      }
+    }
+    named_bar_sync<128>(1 + wg);  // every row of the warpgroup is staged
+    const int rows = min(tile.rows - 64 * wg, 64);
+    for (int idx = wtid; idx < rows * kChunks; idx += 128) {
+      const int r = idx / kChunks, c = idx - r * kChunks;
+      const int col = tile.n0 + 8 * c;
+      if (col < p.n) {
+        const uint4 v = *reinterpret_cast<const uint4*>(out_stage + (64 * wg + r) * P::kOutPitch + 16 * c);
+        *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(tile.row0 + 64 * wg + r) * p.n + col) = v;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kScanThreads)
+    segments_kernel(const int* __restrict__ row_expert, int rows, int num_experts, int* scratch, int2* seg) {
+  find_contiguous_segments(row_expert, rows, num_experts, scratch,
+                           [&](int e, int first, int m) { seg[e] = make_int2(first, m); });
+}
+
+// ---- host: TMA descriptors --------------------------------------------------------------------------------------
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled through the runtime (no link against libcuda), looked up once.
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    TORCH_CHECK(err == cudaSuccess && q == cudaDriverEntryPointSuccess && f != nullptr,
+                "dsv2_kernels: cuTensorMapEncodeTiled is not available from the driver");
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of `rank` dims (dims[0] innermost, strides in bytes for dims 1..), box `box`; out-of-bounds reads zero.
+CUtensorMap make_map(CUtensorMapDataType type, int rank, const void* ptr, const cuuint64_t* dims,
+                     const cuuint64_t* strides, const cuuint32_t* box, CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(&map, type, rank, const_cast<void*>(ptr), dims, strides, box, unit,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "dsv2_kernels.fp8_grouped_gemm_contiguous: cuTensorMapEncodeTiled failed (", int(r),
+              ")");
+  return map;
+}
+
+template <int BN>
+void launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& mb, const CUtensorMap& msfa, const Params& p, int grid,
+            cudaStream_t stream) {
+  using Pl = Plan<BN>;
+  static std::atomic<bool> configured{false};  // the attribute is per function (and device); setting it is cheap
+  if (!configured.load(std::memory_order_relaxed)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Pl::kDynamic));
+    configured.store(true, std::memory_order_relaxed);
+  }
+  launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN>, dim3(grid), dim3(kThreads),
+                Pl::kDynamic, stream, ma, ma64, mb, msfa, p);
+}
+
+// N tile: DSV2_FP8_GEMM_BN=128|192 forces one (for measurements); otherwise 192, the larger tile (fewer L2 bytes per
+// FLOP: (16 + 24) KB per 128 x 192 x 128 block against (16 + 16) KB per 128 x 128 x 128), unless 128 wastes less
+// on a partial last n-block.
+int pick_block_n(int64_t n) {
+  if (const char* v = std::getenv("DSV2_FP8_GEMM_BN")) {
+    if (std::strcmp(v, "128") == 0) return 128;
+    if (std::strcmp(v, "192") == 0) return 192;
+  }
+  const int64_t waste192 = (n + 191) / 192 * 192 - n;
+  return waste192 * 16 <= n ? 192 : 128;  // <= 1/16 of the columns computed for nothing
+}
+
+}  // namespace
+
+bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                 const at::Tensor& b_scales, const at::Tensor& row_expert, const at::Tensor& out,
+                                 cudaStream_t stream) {
+  const int64_t rows = a.size(0), k = a.size(1), n = b.size(1), num_experts = b.size(0);
+  if (num_experts > kMaxExperts) return false;
+  const int e = static_cast<int>(num_experts), r = static_cast<int>(rows);
+
+  // Scratch of the segment scan (zeroed), then the segments [E] (int2).
+  const size_t scratch_bytes = (sizeof(int) * segment_scratch_ints(e) + 15) / 16 * 16;
+  at::Tensor meta = at::empty({static_cast<int64_t>(scratch_bytes + sizeof(int2) * e)}, a.options().dtype(at::kByte));
+  int* scratch = static_cast<int*>(meta.data_ptr());
+  int2* seg = reinterpret_cast<int2*>(static_cast<char*>(meta.data_ptr()) + scratch_bytes);
+  C10_CUDA_CHECK(cudaMemsetAsync(scratch, 0, scratch_bytes, stream));
+  const int sms = sm_count(a.get_device());
+  const int scan_blocks = std::min((r + kScanThreads - 1) / kScanThreads, 2 * sms);
+  segments_kernel<<<scan_blocks, kScanThreads, 0, stream>>>(row_expert.data_ptr<int>(), r, e, scratch, seg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int bn = pick_block_n(n);
+  const int64_t lda = rows > 1 ? a.stride(0) : k;
+  const int64_t ldb = b.stride(1);
+  const int64_t b_expert = num_experts > 1 ? b.stride(0) : n * ldb;
+  const int kbs = static_cast<int>(k / kBlock);
+  const int sfa_ld = scales_ld(sa);
+  const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t a_strides[1] = {static_cast<cuuint64_t>(lda)};
+  const cuuint32_t a_box[2] = {kBK, kBM}, a_box64[2] = {kBK, kBM / 2};
+  const cuuint64_t b_dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(n),
+                                static_cast<cuuint64_t>(num_experts)};
+  const cuuint64_t b_strides[2] = {static_cast<cuuint64_t>(ldb), static_cast<cuuint64_t>(b_expert)};
+  const cuuint32_t b_box[3] = {kBK, static_cast<cuuint32_t>(bn), 1};
+  const cuuint64_t s_dims[2] = {static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(kbs)};
+  const cuuint64_t s_strides[1] = {static_cast<cuuint64_t>(sfa_ld) * sizeof(float)};
+  const cuuint32_t s_box[2] = {kBM, 1};
+  const CUtensorMap ma = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, a.data_ptr(), a_dims, a_strides, a_box,
+                                  CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap ma64 = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, a.data_ptr(), a_dims, a_strides, a_box64,
+                                    CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mb = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, b.data_ptr(), b_dims, b_strides, b_box,
+                                  CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap msfa = make_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, sa.data_ptr(), s_dims, s_strides, s_box,
+                                    CU_TENSOR_MAP_SWIZZLE_NONE);
+
+  Params p;
+  p.seg = seg;
+  p.sfb = b_scales.data_ptr<float>();
+  p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  p.num_experts = e;
+  p.n = static_cast<int>(n);
+  p.k_blocks = kbs;
+  p.n_scale_blocks = static_cast<int>(n / kBlock);
+  p.n_tiles = static_cast<int>((n + bn - 1) / bn);
+  if (bn == 192) launch<192>(ma, ma64, mb, msfa, p, sms, stream);
+  else launch<128>(ma, ma64, mb, msfa, p, sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace fp8
+}  // namespace dsv2
