@@ -23,6 +23,19 @@
 //
 // Tail tiles (<= 64 valid rows) load 64 A rows (a second A tensor map with a 64-row box): fewer L2 bytes per FLOP.
 //
+// DSV2_FP8_GEMM_CLUSTER=1 (default 0 until measured): clusters of 2 CTAs along N share the A tile. A cluster takes
+// "units": a pair of n-blocks 2j, 2j + 1 of one m-block, rank r computing n-block 2j + r; each CTA loads half of the
+// A rows (64, or 32 of a <= 64-row tail) and multicasts them into both CTAs, so A costs each SM half the L2 bytes.
+// With an odd n-block count the last n-block of an expert's m-blocks is paired along M instead (m-blocks 2i, 2i + 1,
+// rank r the second): those two tiles share B, each CTA loads half of its rows for both; an odd m-block count leaves
+// rank 1 without a tile on the last one (it still loads its half of B for rank 0). Because either CTA's TMA writes the
+// other's stage, a stage is refilled only once the consumers of BOTH CTAs released it: each consumer warp arrives on
+// its own and on the peer's empty barrier (16 arrivals a phase). Every fill of a stage delivers bytes to both CTAs
+// and each CTA's full barrier needs both CTAs' fills, so neither CTA can use a stage again before both producers saw
+// its previous release complete: no arrival of a later use can be counted in an earlier phase. Before exiting, each
+// producer waits every stage's last release (the peer's remote arrivals must land while this CTA's shared memory still
+// exists).
+//
 // Scales: a_scale from the column-major activation scales by TMA (a 2D map [K/128, R] of fp32, box 128 x 1), b_scale
 // read by each consumer thread from global memory (L2-resident, E * N/128 * K/128 floats) before the wgmmas of the
 // K block are issued, so its latency hides under them. A BN that is not a multiple of 128 lets a tile straddle two
@@ -40,19 +53,27 @@ namespace dsv2 {
 namespace fp8 {
 namespace {
 
+using sm90::cluster_ctarank;
+using sm90::cluster_id_x;
+using sm90::cluster_sync;
 using sm90::fence_mbar_init;
 using sm90::fence_regs;
 using sm90::mbar_arrive;
+using sm90::mbar_arrive_cluster;
 using sm90::mbar_arrive_expect_tx;
 using sm90::mbar_init;
 using sm90::mbar_wait;
+using sm90::mbar_wait_cluster;
+using sm90::num_clusters_x;
 using sm90::named_bar_sync;
 using sm90::setmaxnreg_dec;
 using sm90::setmaxnreg_inc;
 using sm90::smem_desc;
 using sm90::smem_u32;
 using sm90::tma_load_2d;
+using sm90::tma_load_2d_multicast;
 using sm90::tma_load_3d;
+using sm90::tma_load_3d_multicast;
 using sm90::tma_prefetch_desc;
 using sm90::wgmma_commit;
 using sm90::wgmma_fence;
@@ -138,7 +159,7 @@ struct Plan {
   static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
                                                     // conflict-free (rows 4 banks apart)
   static constexpr int kOutBytes = kBM * kOutPitch;
-  static constexpr int kSegBytes = (3 * kMaxExperts + 1) * 4;  // first[E], m[E], m-block prefix[E + 1]
+  static constexpr int kSegBytes = (3 * kMaxExperts + 1) * 4;  // first[E], m[E], unit prefix[E + 1]
   static constexpr int kFixed = kOutBytes + kSegBytes + 256;    // + mbarriers
   static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kStageTx > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kStageTx;
   static constexpr int kA = 0;
@@ -157,29 +178,60 @@ struct Params {
   const int2* seg;          // [E] (first row, valid rows) from the scan
   const float* sfb;         // [E, N/128, K/128] weight scales
   __nv_bfloat16* out;       // [R, N]
-  int num_experts, n, k_blocks, n_scale_blocks, n_tiles;  // n_tiles = ceil(N / BN)
+  int num_experts, rows, n, k_blocks, n_scale_blocks, n_tiles;  // rows = R, n_tiles = ceil(N / BN)
 };
 
-// One output tile: expert e, rows [row0, row0 + rows) of a and out (rows <= 128 valid), columns [n0, n0 + BN).
+// One output tile of this CTA: expert e, rows [row0, row0 + rows) of a and out (rows <= 128 valid), columns [n0, n0 +
+// BN). has_n: this CTA computes it (false only for rank 1's idle half of a cluster unit); share_a / share_b: the
+// cluster's two tiles have the same A / B tile, each CTA loads half of it for both.
 struct Tile {
   int e, row0, rows, n0;
+  bool has_n, share_a, share_b;
 };
 
-// Tile t of the order described at the top. s_blk[e] = m-blocks of the experts before e (s_blk[kMaxExperts] = all).
-template <int BN>
-__device__ __forceinline__ Tile decode_tile(int t, const int* s_first, const int* s_m, const int* s_blk,
+// Units of an expert with `blocks` m-blocks: one per tile without clusters; with 2-CTA clusters, n-block pairs of
+// each m-block plus, for an odd n-block count, the last n-block's m-blocks two by two.
+template <int kCluster>
+__device__ __forceinline__ int expert_units(int blocks, int n_tiles) {
+  if constexpr (kCluster == 1) return blocks * n_tiles;
+  else return blocks * (n_tiles >> 1) + ((n_tiles & 1) ? (blocks + 1) >> 1 : 0);
+}
+
+// Unit t of the order described at the top, as seen by cluster rank `rank`. s_unit[e] = units of the experts before
+// e (s_unit[kMaxExperts] = all).
+template <int BN, int kCluster>
+__device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first, const int* s_m, const int* s_unit,
                                             int n_tiles) {
-  const int g = t / n_tiles;  // the tile's rank among m-blocks, counted expert by expert
-  int lo = 0, hi = kMaxExperts - 1;  // first e with s_blk[e + 1] > g (experts without rows are never picked)
+  int lo = 0, hi = kMaxExperts - 1;  // first e with s_unit[e + 1] > t (experts without rows are never picked)
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (s_blk[mid + 1] > g) hi = mid;
+    if (s_unit[mid + 1] > t) hi = mid;
     else lo = mid + 1;
   }
-  const int blocks = s_blk[lo + 1] - s_blk[lo];
-  const int local = t - s_blk[lo] * n_tiles;
-  const int nb = local / blocks, mb = local - nb * blocks;
+  const int blocks = (s_m[lo] + kBM - 1) / kBM;
+  const int local = t - s_unit[lo];
   Tile tile;
+  int mb, nb;
+  tile.has_n = true;
+  tile.share_a = tile.share_b = false;
+  if constexpr (kCluster == 1) {
+    nb = local / blocks;  // n-block major, m-block minor
+    mb = local - nb * blocks;
+  } else {
+    const int paired = blocks * (n_tiles >> 1);
+    if (local < paired) {
+      const int np = local / blocks;
+      mb = local - np * blocks;
+      nb = 2 * np + rank;
+      tile.share_a = true;
+    } else {
+      mb = 2 * (local - paired) + rank;
+      nb = n_tiles - 1;
+      tile.share_b = true;
+      tile.has_n = mb < blocks;
+      if (!tile.has_n) mb = blocks - 1;  // keeps the fields valid; only the shared B half is loaded
+    }
+  }
   tile.e = lo;
   tile.row0 = s_first[lo] + mb * kBM;
   tile.rows = min(kBM, s_m[lo] - mb * kBM);
@@ -187,10 +239,11 @@ __device__ __forceinline__ Tile decode_tile(int t, const int* s_first, const int
   return tile;
 }
 
-template <int BN>
+template <int BN, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
-                              const __grid_constant__ CUtensorMap tma_b, const __grid_constant__ CUtensorMap tma_sfa,
+                              const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
+                              const __grid_constant__ CUtensorMap tma_bh, const __grid_constant__ CUtensorMap tma_sfa,
                               const Params p) {
   using P = Plan<BN>;
   extern __shared__ uint8_t smem_raw[];
@@ -198,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base = smem_u32(smem);
   int* s_first = reinterpret_cast<int*>(smem + P::kSeg);
   int* s_m = s_first + kMaxExperts;
-  int* s_blk = s_m + kMaxExperts;  // kMaxExperts + 1 entries
+  int* s_unit = s_m + kMaxExperts;  // kMaxExperts + 1 entries
   auto full_bar = [&](int s) { return base + P::kBar + 8 * s; };
   auto empty_bar = [&](int s) { return base + P::kBar + 8 * (P::kStages + s); };
 
@@ -206,13 +259,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 256) {
     for (int s = 0; s < P::kStages; ++s) {
       mbar_init(full_bar(s), 1);
-      mbar_init(empty_bar(s), kConsumerWarps);
+      mbar_init(empty_bar(s), kConsumerWarps * kCluster);  // with clusters: the peer's consumer warps too
     }
     fence_mbar_init();
     tma_prefetch_desc(&tma_a);
     tma_prefetch_desc(&tma_a64);
     tma_prefetch_desc(&tma_b);
     tma_prefetch_desc(&tma_sfa);
+    if constexpr (kCluster > 1) {
+      tma_prefetch_desc(&tma_a32);
+      tma_prefetch_desc(&tma_bh);
+    }
   }
   // Everything above may overlap the scan kernel (programmatic launch); its segments are read below.
   griddep_wait();
@@ -222,12 +279,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     s_m[e] = seg.y;
   }
   __syncthreads();
-  if (warp == 0) {  // m-block prefix: lane l sums experts 8l .. 8l + 7, then a warp scan of the lane totals
+  if (warp == 0) {  // unit prefix: lane l sums experts 8l .. 8l + 7, then a warp scan of the lane totals
     static_assert(kMaxExperts == 32 * 8, "one warp, 8 experts per lane");
     int blocks[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      blocks[j] = (s_m[8 * lane + j] + kBM - 1) / kBM;
+      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles);
       sum += blocks[j];
     }
     int incl = sum;
@@ -237,15 +294,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane >= off) incl += v;
     }
     int run = incl - sum;
-    if (lane == 0) s_blk[0] = 0;
+    if (lane == 0) s_unit[0] = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       run += blocks[j];
-      s_blk[8 * lane + j + 1] = run;
+      s_unit[8 * lane + j + 1] = run;
     }
   }
   __syncthreads();  // also publishes the barrier initialisation
-  const int num_tiles = s_blk[kMaxExperts] * p.n_tiles;
+  // The peer's barriers must be initialised before this CTA's multicasts or remote arrivals reach them.
+  if constexpr (kCluster > 1) cluster_sync();
+  const int num_units = s_unit[kMaxExperts];
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  const int first_unit = kCluster > 1 ? static_cast<int>(cluster_id_x()) : static_cast<int>(blockIdx.x);
+  const int unit_stride = kCluster > 1 ? static_cast<int>(num_clusters_x()) : static_cast<int>(gridDim.x);
 
   if (warp >= kConsumerWarps) {
     // ---- producer ----
@@ -253,23 +315,55 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid != 256) return;
     int stage = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-      const Tile tile = decode_tile<BN>(t, s_first, s_m, s_blk, p.n_tiles);
+    auto advance = [&] {
+      if (++stage == P::kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    };
+    for (int t = first_unit; t < num_units; t += unit_stride) {
+      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
       // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
       const bool half = tile.rows <= 64;
-      const CUtensorMap* map_a = half ? &tma_a64 : &tma_a;
-      const uint32_t tx = half ? P::kStageTx - P::kABytes / 2 : P::kStageTx;
+      // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
+      // CTAs' multicasts; a CTA without a tile receives only the shared B.
+      const uint32_t a_bytes = half ? P::kABytes / 2 : P::kABytes;
+      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes + P::kSfaBytes : 0);
+      constexpr uint16_t kPair = (1u << kCluster) - 1;
       for (int kb = 0; kb < p.k_blocks; ++kb) {
-        mbar_wait(empty_bar(stage), phase ^ 1);  // the consumers released this stage's previous use
+        // The consumers released this stage's previous use (with clusters: those of both CTAs, since this CTA's
+        // multicast writes the peer's stage too).
+        if constexpr (kCluster > 1) mbar_wait_cluster(empty_bar(stage), phase ^ 1);
+        else mbar_wait(empty_bar(stage), phase ^ 1);
         const uint32_t full = full_bar(stage);
         mbar_arrive_expect_tx(full, tx);
-        tma_load_2d(base + P::kA + stage * P::kABytes, map_a, full, kb * kBK, tile.row0);
-        tma_load_3d(base + P::kB + stage * P::kBBytes, &tma_b, full, kb * kBK, tile.n0, tile.e);
-        tma_load_2d(base + P::kSfa + stage * P::kSfaBytes, &tma_sfa, full, tile.row0, kb);
-        if (++stage == P::kStages) {
-          stage = 0;
-          phase ^= 1;
+        const uint32_t a_dst = base + P::kA + stage * P::kABytes;
+        const uint32_t b_dst = base + P::kB + stage * P::kBBytes;
+        if (tile.share_a) {
+          // Rank r: rows part * r .. part * r + part - 1 of the tile into both CTAs. A box starting past R (a tail of
+          // <= 32 rows at the end of a) is moved back inside: it then fills rows that are never stored.
+          const int part = half ? 32 : 64;
+          tma_load_2d_multicast(a_dst + rank * part * kBK, half ? &tma_a32 : &tma_a64, full, kb * kBK,
+                                min(tile.row0 + part * rank, p.rows - 1), kPair);
+        } else if (tile.has_n) {
+          tma_load_2d(a_dst, half ? &tma_a64 : &tma_a, full, kb * kBK, tile.row0);
         }
+        if (tile.share_b) {  // rank r: B rows BN/2 * r .. of the n-block (clamped like A: columns never stored)
+          tma_load_3d_multicast(b_dst + rank * (BN / 2) * kBK, &tma_bh, full, kb * kBK,
+                                min(tile.n0 + (BN / 2) * rank, p.n - 1), tile.e, kPair);
+        } else {
+          tma_load_3d(b_dst, &tma_b, full, kb * kBK, tile.n0, tile.e);
+        }
+        if (tile.has_n) tma_load_2d(base + P::kSfa + stage * P::kSfaBytes, &tma_sfa, full, tile.row0, kb);
+        advance();
+      }
+    }
+    if constexpr (kCluster > 1) {
+      // Wait for the last release of every stage: after it no arrival (the peer's remote ones included) and no
+      // multicast of this CTA is still on its way into shared memory that would no longer exist.
+      for (int s = 0; s < P::kStages; ++s) {
+        mbar_wait_cluster(empty_bar(stage), phase ^ 1);
+        advance();
       }
     }
     return;
@@ -284,9 +378,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[P::kAccum], fin[P::kAccum];
   int stage = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-    const Tile tile = decode_tile<BN>(t, s_first, s_m, s_blk, p.n_tiles);
-    const bool active = tile.rows > 64 * wg;
+  const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
+  // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
+  // producer writes the stage (this CTA's; with clusters also the peer's).
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar(s));
+    if (kCluster > 1 && lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
+  };
+  for (int t = first_unit; t < num_units; t += unit_stride) {
+    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+    const bool active = tile.has_n && tile.rows > 64 * wg;
     // Weight-scale rows of the tile's first and last column blocks (the same unless BN straddles; clamped to a
     // valid row where a partial last tile's columns run past N: those columns are never stored).
     const int sb_col = tile.n0 / kBlock;
@@ -311,9 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(acc);
-        // The stage's operands and scales are read: release it before the promotion.
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty_bar(stage));
+        release(stage);  // before the promotion: only registers from here
         const float lo0 = sa_lo * sb0, hi0 = sa_hi * sb0, lo1 = sa_lo * sb1, hi1 = sa_hi * sb1;
 #pragma unroll
         for (int i = 0; i < P::kAccum / 4; ++i) {  // column group 8i .. 8i + 7
@@ -325,10 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           fin[4 * i + 3] = fmaf(acc[4 * i + 3], hi, fin[4 * i + 3]);
         }
       } else {
-        // Rows of this warpgroup are beyond the expert's valid rows: release the stage unread. Waiting for it
-        // first keeps this warp's arrivals in step with the stage's uses.
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty_bar(stage));
+        // Rows of this warpgroup are beyond the expert's valid rows (or this CTA is idle): release the stage
+        // unread. Waiting for it first keeps this warp's arrivals in step with the stage's uses.
+        release(stage);
       }
       if (++stage == P::kStages) {
         stage = 0;
@@ -400,18 +499,86 @@ CUtensorMap make_map(CUtensorMapDataType type, int rank, const void* ptr, const 
   return map;
 }
 
-template <int BN>
-void launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& mb, const CUtensorMap& msfa, const Params& p, int grid,
-            cudaStream_t stream) {
+// Per device (the attribute belongs to the function in each device's context): the dynamic shared-memory opt-in,
+// and for clusters how many 2-CTA clusters fit at once (GPCs with an odd SM count leave an SM out, so it can be less
+// than #SMs / 2; a persistent grid larger than that would run a second wave). 0 = not configured yet.
+template <int BN, int kCluster>
+int configure(int device) {
   using Pl = Plan<BN>;
-  static std::atomic<bool> configured{false};  // the attribute is per function (and device); setting it is cheap
-  if (!configured.load(std::memory_order_relaxed)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Pl::kDynamic));
-    configured.store(true, std::memory_order_relaxed);
+  static std::atomic<int> grid[64];
+  const bool cached = device >= 0 && device < 64;
+  int g = cached ? grid[device].load(std::memory_order_relaxed) : 0;
+  if (g != 0) return g;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN, kCluster>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Pl::kDynamic));
+  const int sms = sm_count(device);
+  g = sms;
+  if constexpr (kCluster > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(sms / kCluster * kCluster);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = Pl::kDynamic;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, grouped_contiguous_kernel<BN, kCluster>, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
+    g = std::min(clusters, sms / kCluster) * kCluster;  // 0: clusters unusable here, the caller runs unclustered
+    if (g == 0) g = -1;
   }
-  launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN>, dim3(grid), dim3(kThreads),
-                Pl::kDynamic, stream, ma, ma64, mb, msfa, p);
+  if (cached) grid[device].store(g, std::memory_order_relaxed);
+  return g;
+}
+
+// Launches the kernel as a programmatic dependent of the scan; with clusters the cluster dimension is a launch
+// attribute. Returns false (nothing queued) where a clustered launch is refused.
+template <int BN, int kCluster>
+bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& ma32, const CUtensorMap& mb,
+            const CUtensorMap& mbh, const CUtensorMap& msfa, const Params& p, int device, cudaStream_t stream) {
+  using Pl = Plan<BN>;
+  const int grid = configure<BN, kCluster>(device);
+  if (grid <= 0) return false;
+  if constexpr (kCluster == 1) {
+    launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1>, dim3(grid), dim3(kThreads),
+                  Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, msfa, p);
+    return true;
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = Pl::kDynamic;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    // PDL where allowed; if the runtime refuses the pair of attributes, the cluster alone.
+    for (int n = programmatic_launch_ok(stream, true) ? 2 : 1; n >= 1; --n) {
+      cfg.numAttrs = n;
+      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, msfa, p) ==
+          cudaSuccess)
+        return true;
+      (void)cudaGetLastError();
+    }
+    return false;
+  }
+}
+
+// DSV2_FP8_GEMM_CLUSTER=1: 2-CTA clusters sharing A by multicast (read at every call, so one process can A/B).
+bool use_cluster() {
+  const char* v = std::getenv("DSV2_FP8_GEMM_CLUSTER");
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 // N tile: DSV2_FP8_GEMM_BN=128|192 forces one (for measurements); otherwise 192, the larger tile (fewer L2 bytes per
@@ -433,6 +600,9 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
                                  cudaStream_t stream) {
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(1), num_experts = b.size(0);
   if (num_experts > kMaxExperts) return false;
+  const int bn = pick_block_n(n);
+  // Tiles are counted in int on the device: at most (R / 128 + E) m-blocks times ceil(N / BN) n-blocks.
+  if ((rows / kBM + num_experts) * ((n + bn - 1) / bn) >= INT_MAX) return false;
   const int e = static_cast<int>(num_experts), r = static_cast<int>(rows);
 
   // Scratch of the segment scan (zeroed), then the segments [E] (int2).
@@ -446,7 +616,6 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   segments_kernel<<<scan_blocks, kScanThreads, 0, stream>>>(row_expert.data_ptr<int>(), r, e, scratch, seg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const int bn = pick_block_n(n);
   const int64_t lda = rows > 1 ? a.stride(0) : k;
   const int64_t ldb = b.stride(1);
   const int64_t b_expert = num_experts > 1 ? b.stride(0) : n * ldb;
@@ -454,11 +623,11 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   const int sfa_ld = scales_ld(sa);
   const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
   const cuuint64_t a_strides[1] = {static_cast<cuuint64_t>(lda)};
-  const cuuint32_t a_box[2] = {kBK, kBM}, a_box64[2] = {kBK, kBM / 2};
+  const cuuint32_t a_box[2] = {kBK, kBM}, a_box64[2] = {kBK, kBM / 2}, a_box32[2] = {kBK, kBM / 4};
   const cuuint64_t b_dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(n),
                                 static_cast<cuuint64_t>(num_experts)};
   const cuuint64_t b_strides[2] = {static_cast<cuuint64_t>(ldb), static_cast<cuuint64_t>(b_expert)};
-  const cuuint32_t b_box[3] = {kBK, static_cast<cuuint32_t>(bn), 1};
+  const cuuint32_t b_box[3] = {kBK, static_cast<cuuint32_t>(bn), 1}, bh_box[3] = {kBK, static_cast<cuuint32_t>(bn / 2), 1};
   const cuuint64_t s_dims[2] = {static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(kbs)};
   const cuuint64_t s_strides[1] = {static_cast<cuuint64_t>(sfa_ld) * sizeof(float)};
   const cuuint32_t s_box[2] = {kBM, 1};
@@ -468,6 +637,14 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
                                     CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mb = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, b.data_ptr(), b_dims, b_strides, b_box,
                                   CU_TENSOR_MAP_SWIZZLE_128B);
+  // Half boxes of the cluster kernel (A: 32 rows, B: BN / 2 rows; the 64-row A box serves both): encoded only there.
+  const bool cluster = use_cluster();
+  const CUtensorMap ma32 = cluster ? make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, a.data_ptr(), a_dims, a_strides,
+                                              a_box32, CU_TENSOR_MAP_SWIZZLE_128B)
+                                   : ma64;
+  const CUtensorMap mbh = cluster ? make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, b.data_ptr(), b_dims, b_strides, bh_box,
+                                             CU_TENSOR_MAP_SWIZZLE_128B)
+                                  : mb;
   const CUtensorMap msfa = make_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, sa.data_ptr(), s_dims, s_strides, s_box,
                                     CU_TENSOR_MAP_SWIZZLE_NONE);
 
@@ -476,12 +653,20 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   p.sfb = b_scales.data_ptr<float>();
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
   p.num_experts = e;
+  p.rows = r;
   p.n = static_cast<int>(n);
   p.k_blocks = kbs;
   p.n_scale_blocks = static_cast<int>(n / kBlock);
   p.n_tiles = static_cast<int>((n + bn - 1) / bn);
-  if (bn == 192) launch<192>(ma, ma64, mb, msfa, p, sms, stream);
-  else launch<128>(ma, ma64, mb, msfa, p, sms, stream);
+  const int device = a.get_device();
+  bool done = false;
+  if (cluster)
+    done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream)
+                     : launch<128, 2>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
+  if (!done) {
+    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
+    else launch<128, 1>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
