@@ -5,9 +5,9 @@
 //
 // One persistent CTA per SM, 384 threads:
 //   * warpgroup 2 (threads 256..383) is the producer: one thread issues the TMA loads of every K block of every tile
-//     of this CTA into a ring of kStages stages (A 128 x 128 e4m3, B BN x 128 e4m3, both 128-byte swizzled, and the
-//     128 activation scales of the K block), each stage guarded by a full barrier (1 arrival + the TMA bytes) and an
-//     empty barrier (one arrival per consumer warp);
+//     of this CTA into a ring of kStages stages (A 128 x 128 e4m3, B BN x 128 e4m3, both 128-byte swizzled), each
+//     stage guarded by a full barrier (1 arrival + the TMA bytes) and an empty barrier (one arrival per consumer
+//     warp);
 //   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile: per K block four
 //     m64nBNk32 e4m3 wgmmas into a partial fp32 accumulator, wait, release the stage, then the promotion
 //     final += partial * (a_scale[row] * b_scale[kb, column block]) in fp32. The two warpgroups share the tensor
@@ -36,9 +36,11 @@
 // producer waits every stage's last release (the peer's remote arrivals must land while this CTA's shared memory still
 // exists).
 //
-// Scales: a_scale from the column-major activation scales by TMA (a 2D map [K/128, R] of fp32, box 128 x 1), b_scale
-// read by each consumer thread from global memory (L2-resident, E * N/128 * K/128 floats) before the wgmmas of the
-// K block are issued, so its latency hides under them. A BN that is not a multiple of 128 lets a tile straddle two
+// Scales: each consumer thread reads its two rows' a_scale (column-major activation scales) and the tile's b_scale
+// (E * N/128 * K/128 floats) from global memory, L2-resident, before it waits for the K block's stage, so their
+// latency hides under the wait and the wgmmas. (The a_scales were first a third TMA box per stage, a 2D fp32 map of
+// box 128 x 1; on the H200 that load raised "illegal instruction" in every configuration, and 2 floats per thread
+// need no TMA.) A BN that is not a multiple of 128 lets a tile straddle two
 // weight-scale blocks: each 8-column group picks its block's scale (the split falls on a multiple of 32 columns).
 
 #include <cuda.h>
@@ -154,8 +156,7 @@ struct Plan {
   static constexpr int kAccum = BN / 2;             // fp32 registers of one m64nBN accumulator per thread
   static constexpr int kABytes = kBM * kBK;         // 16 KB
   static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
-  static constexpr int kSfaBytes = kBM * 4;         // 128 activation scales
-  static constexpr int kStageTx = kABytes + kBBytes + kSfaBytes;  // TMA bytes per stage (boxes count whole)
+  static constexpr int kStageTx = kABytes + kBBytes;  // TMA bytes per stage (boxes count whole)
   static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
                                                     // conflict-free (rows 4 banks apart)
   static constexpr int kOutBytes = kBM * kOutPitch;
@@ -164,8 +165,7 @@ struct Plan {
   static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kStageTx > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kStageTx;
   static constexpr int kA = 0;
   static constexpr int kB = kA + kStages * kABytes;
-  static constexpr int kSfa = kB + kStages * kBBytes;
-  static constexpr int kOut = kSfa + kStages * kSfaBytes;
+  static constexpr int kOut = kB + kStages * kBBytes;
   static constexpr int kSeg = kOut + kOutBytes;
   static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages]
   static constexpr int kBytes = kBar + 2 * kStages * 8;
@@ -177,6 +177,8 @@ struct Plan {
 struct Params {
   const int2* seg;          // [E] (first row, valid rows) from the scan
   const float* sfb;         // [E, N/128, K/128] weight scales
+  const float* sfa;         // activation scales, column-major: (row r, k block kb) at kb * sfa_ld + r
+  int sfa_ld;
   __nv_bfloat16* out;       // [R, N]
   int num_experts, rows, n, k_blocks, n_scale_blocks, n_tiles;  // rows = R, n_tiles = ceil(N / BN)
 };
@@ -243,7 +245,7 @@ template <int BN, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
                               const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
-                              const __grid_constant__ CUtensorMap tma_bh, const __grid_constant__ CUtensorMap tma_sfa,
+                              const __grid_constant__ CUtensorMap tma_bh,
                               const Params p) {
   using P = Plan<BN>;
   extern __shared__ uint8_t smem_raw[];
@@ -265,7 +267,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     tma_prefetch_desc(&tma_a);
     tma_prefetch_desc(&tma_a64);
     tma_prefetch_desc(&tma_b);
-    tma_prefetch_desc(&tma_sfa);
     if constexpr (kCluster > 1) {
       tma_prefetch_desc(&tma_a32);
       tma_prefetch_desc(&tma_bh);
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
       // CTAs' multicasts; a CTA without a tile receives only the shared B.
       const uint32_t a_bytes = half ? P::kABytes / 2 : P::kABytes;
-      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes + P::kSfaBytes : 0);
+      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes : 0);
       constexpr uint16_t kPair = (1u << kCluster) - 1;
       for (int kb = 0; kb < p.k_blocks; ++kb) {
         // The consumers released this stage's previous use (with clusters: those of both CTAs, since this CTA's
@@ -354,7 +355,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           tma_load_3d(b_dst, &tma_b, full, kb * kBK, tile.n0, tile.e);
         }
-        if (tile.has_n) tma_load_2d(base + P::kSfa + stage * P::kSfaBytes, &tma_sfa, full, tile.row0, kb);
         advance();
       }
     }
@@ -395,16 +395,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* sfb0 = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks + sb_col) * p.k_blocks;
     const float* sfb1 = sfb0 + (sb_col + 1 < p.n_scale_blocks ? p.k_blocks : 0);
     const int split = kBlock - tile.n0 % kBlock;  // first column of the second scale block (>= BN: none)
+    // Activation scales straight from global memory (L2-resident, 2 floats per thread and k block), issued before the
+    // stage wait so that their latency hides under it; rows past R (a tile's unstored tail) read row R - 1.
+    const float* sfa_lo = p.sfa + min(tile.row0 + frag_row, p.rows - 1);
+    const float* sfa_hi = p.sfa + min(tile.row0 + frag_row + 8, p.rows - 1);
 #pragma unroll
     for (int i = 0; i < P::kAccum; ++i) fin[i] = 0.f;
 
     for (int kb = 0; kb < p.k_blocks; ++kb) {
+      float sa_lo = 0.f, sa_hi = 0.f, sb0 = 0.f, sb1 = 0.f;
+      if (active) {
+        const int64_t col = static_cast<int64_t>(kb) * p.sfa_ld;
+        sa_lo = __ldg(sfa_lo + col);
+        sa_hi = __ldg(sfa_hi + col);
+        sb0 = __ldg(sfb0 + kb);
+        sb1 = BN % kBlock != 0 ? __ldg(sfb1 + kb) : sb0;
+      }
       mbar_wait(full_bar(stage), phase);
       if (active) {
-        const float sb0 = __ldg(sfb0 + kb);
-        const float sb1 = BN % kBlock != 0 ? __ldg(sfb1 + kb) : sb0;
-        const float* sfa = reinterpret_cast<const float*>(smem + P::kSfa + stage * P::kSfaBytes);
-        const float sa_lo = sfa[frag_row], sa_hi = sfa[frag_row + 8];
         const uint64_t da = smem_desc(base + P::kA + stage * P::kABytes + wg * 64 * 128, 16);
         const uint64_t db = smem_desc(base + P::kB + stage * P::kBBytes, 16);
         wgmma_fence();
@@ -541,13 +549,13 @@ int configure(int device) {
 // attribute. Returns false (nothing queued) where a clustered launch is refused.
 template <int BN, int kCluster>
 bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& ma32, const CUtensorMap& mb,
-            const CUtensorMap& mbh, const CUtensorMap& msfa, const Params& p, int device, cudaStream_t stream) {
+            const CUtensorMap& mbh, const Params& p, int device, cudaStream_t stream) {
   using Pl = Plan<BN>;
   const int grid = configure<BN, kCluster>(device);
   if (grid <= 0) return false;
   if constexpr (kCluster == 1) {
     launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1>, dim3(grid), dim3(kThreads),
-                  Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, msfa, p);
+                  Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, p);
     return true;
   } else {
     cudaLaunchConfig_t cfg = {};
@@ -566,7 +574,7 @@ bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& m
     // PDL where allowed; if the runtime refuses the pair of attributes, the cluster alone.
     for (int n = programmatic_launch_ok(stream, true) ? 2 : 1; n >= 1; --n) {
       cfg.numAttrs = n;
-      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, msfa, p) ==
+      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, p) ==
           cudaSuccess)
         return true;
       (void)cudaGetLastError();
@@ -620,7 +628,6 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   const int64_t ldb = b.stride(1);
   const int64_t b_expert = num_experts > 1 ? b.stride(0) : n * ldb;
   const int kbs = static_cast<int>(k / kBlock);
-  const int sfa_ld = scales_ld(sa);
   const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
   const cuuint64_t a_strides[1] = {static_cast<cuuint64_t>(lda)};
   const cuuint32_t a_box[2] = {kBK, kBM}, a_box64[2] = {kBK, kBM / 2}, a_box32[2] = {kBK, kBM / 4};
@@ -628,9 +635,6 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
                                 static_cast<cuuint64_t>(num_experts)};
   const cuuint64_t b_strides[2] = {static_cast<cuuint64_t>(ldb), static_cast<cuuint64_t>(b_expert)};
   const cuuint32_t b_box[3] = {kBK, static_cast<cuuint32_t>(bn), 1}, bh_box[3] = {kBK, static_cast<cuuint32_t>(bn / 2), 1};
-  const cuuint64_t s_dims[2] = {static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(kbs)};
-  const cuuint64_t s_strides[1] = {static_cast<cuuint64_t>(sfa_ld) * sizeof(float)};
-  const cuuint32_t s_box[2] = {kBM, 1};
   const CUtensorMap ma = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, a.data_ptr(), a_dims, a_strides, a_box,
                                   CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap ma64 = make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, a.data_ptr(), a_dims, a_strides, a_box64,
@@ -645,12 +649,12 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   const CUtensorMap mbh = cluster ? make_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, b.data_ptr(), b_dims, b_strides, bh_box,
                                              CU_TENSOR_MAP_SWIZZLE_128B)
                                   : mb;
-  const CUtensorMap msfa = make_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, sa.data_ptr(), s_dims, s_strides, s_box,
-                                    CU_TENSOR_MAP_SWIZZLE_NONE);
 
   Params p;
   p.seg = seg;
   p.sfb = b_scales.data_ptr<float>();
+  p.sfa = sa.data_ptr<float>();
+  p.sfa_ld = scales_ld(sa);
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
   p.num_experts = e;
   p.rows = r;
@@ -661,11 +665,11 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   const int device = a.get_device();
   bool done = false;
   if (cluster)
-    done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream)
-                     : launch<128, 2>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
+    done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, p, device, stream)
+                     : launch<128, 2>(ma, ma64, ma32, mb, mbh, p, device, stream);
   if (!done) {
-    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
-    else launch<128, 1>(ma, ma64, ma32, mb, mbh, msfa, p, device, stream);
+    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    else launch<128, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
