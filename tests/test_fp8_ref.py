@@ -634,7 +634,9 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major):
 
 @pytest.mark.gpu
 @requires_cuda_kernel("fp8_grouped_gemm_contiguous")
-@pytest.mark.parametrize("impl", ["ours-192", "ours-128", "ours-192-cluster", "ours-128-cluster"])
+@pytest.mark.parametrize(
+    "impl", ["ours-192", "ours-128", "ours-192-cluster", "ours-128-cluster", "ours-192-v1", "ours-128-cluster-v1"]
+)
 @pytest.mark.parametrize(
     "sizes, n, k",
     [
@@ -651,6 +653,7 @@ def test_kernel_grouped_gemm_contiguous_own(sizes, n, k, impl, monkeypatch):
     monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "ours")
     monkeypatch.setenv("DSV2_FP8_GEMM_BN", parts[1])
     monkeypatch.setenv("DSV2_FP8_GEMM_CLUSTER", "1" if "cluster" in parts else "0")
+    monkeypatch.setenv("DSV2_FP8_GEMM_KERNEL", "v1" if "v1" in parts else "v2")
     e = len(sizes)
     g = torch.Generator().manual_seed(sum(sizes) + n)
     row_expert = []

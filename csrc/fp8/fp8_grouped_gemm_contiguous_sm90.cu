@@ -36,7 +36,14 @@
 // producer waits every stage's last release (the peer's remote arrivals must land while this CTA's shared memory still
 // exists).
 //
-// Scales: each consumer thread reads its two rows' a_scale (column-major activation scales) and the tile's b_scale
+// Two kernels (one build, DSV2_FP8_GEMM_KERNEL=v1 selects the first for A/B measurements; notes/gemm2.md):
+//   * v2 (default, grouped_contiguous_kernel): the producer warp also cp.asyncs each K block's activation and weight
+//     scales into the stage (so the consumers never wait on a global load in the K loop), the weight-scale block of
+//     each 8-column group is resolved at compile time (no selects in the promotion), and two store warps copy the
+//     staged bf16 rows to global memory while the consumers run the next tile. Details above that kernel.
+//   * v1 (grouped_contiguous_kernel_v1): as described in the paragraphs above and below.
+//
+// Scales (v1): each consumer thread reads its two rows' a_scale (column-major activation scales) and the tile's b_scale
 // (E * N/128 * K/128 floats) from global memory, L2-resident, before it waits for the K block's stage, so their
 // latency hides under the wait and the wgmmas. (The a_scales were first a third TMA box per stage, a 2D fp32 map of
 // box 128 x 1; on the H200 that load raised "illegal instruction" in every configuration, and 2 floats per thread
@@ -45,6 +52,8 @@
 
 #include <cuda.h>
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "../common/pdl.cuh"
 #include "../common/sm90.cuh"
@@ -150,27 +159,36 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], uint64_t desc_a, u
 }
 
 // Shared-memory plan of one BN (offsets from a 1024-byte aligned base: the 128-byte swizzle is computed from address
-// bits, so every swizzled tile starts 1024-aligned).
-template <int BN>
+// bits, so every swizzled tile starts 1024-aligned). kV = 2 (the default kernel) adds per stage the tile's 128
+// activation scales and its (up to) two weight scales, written by the producer warp with cp.async.
+template <int BN, int kV = 2>
 struct Plan {
   static constexpr int kAccum = BN / 2;             // fp32 registers of one m64nBN accumulator per thread
+  static constexpr int kGroups = BN / 8;            // 8-column groups of the accumulator fragment
   static constexpr int kABytes = kBM * kBK;         // 16 KB
   static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
   static constexpr int kStageTx = kABytes + kBBytes;  // TMA bytes per stage (boxes count whole)
+  static constexpr int kSfaBytes = kV == 2 ? kBM * 4 : 0;  // a_scale of each tile row
+  static constexpr int kSfbBytes = kV == 2 ? 16 : 0;       // b_scale of the first / second column block (+ pad)
   static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
-                                                    // conflict-free (rows 4 banks apart)
+                                                    // conflict-free (rows 4 banks apart) and rows 16-byte aligned
   static constexpr int kOutBytes = kBM * kOutPitch;
   static constexpr int kSegBytes = (3 * kMaxExperts + 1) * 4;  // first[E], m[E], unit prefix[E + 1]
   static constexpr int kFixed = kOutBytes + kSegBytes + 256;    // + mbarriers
-  static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kStageTx > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kStageTx;
+  static constexpr int kPerStage = kStageTx + kSfaBytes + kSfbBytes;
+  static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kPerStage > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kPerStage;
   static constexpr int kA = 0;
   static constexpr int kB = kA + kStages * kABytes;
   static constexpr int kOut = kB + kStages * kBBytes;
-  static constexpr int kSeg = kOut + kOutBytes;
-  static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages]
-  static constexpr int kBytes = kBar + 2 * kStages * 8;
+  static constexpr int kSfa = kOut + kOutBytes;     // [kStages][128] fp32
+  static constexpr int kSfb = kSfa + kStages * kSfaBytes;  // [kStages][4] fp32
+  static constexpr int kSeg = kSfb + kStages * kSfbBytes;
+  static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages] (+ v2: out_full[2],
+                                                               // out_empty[2])
+  static constexpr int kBytes = kBar + (2 * kStages + (kV == 2 ? 4 : 0)) * 8;
   static constexpr int kDynamic = kBytes + 1024;    // + alignment slack of the dynamic shared-memory base
   static_assert(kBBytes % 1024 == 0 && kStages >= 3, "stage plan");
+  static_assert(kOutPitch % 16 == 0, "staged rows are read with 16-byte loads");
   static_assert(kDynamic <= kSmemLimit, "shared memory");
 };
 
@@ -241,13 +259,15 @@ __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first,
   return tile;
 }
 
+// v1 (DSV2_FP8_GEMM_KERNEL=v1, kept for A/B measurements): the consumers read the scales from global memory each K
+// block, the weight-scale block of each 8-column group is selected at run time, 16-byte st.global epilogue.
 template <int BN, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
-    grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
+    grouped_contiguous_kernel_v1(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
                               const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
                               const __grid_constant__ CUtensorMap tma_bh,
                               const Params p) {
-  using P = Plan<BN>;
+  using P = Plan<BN, 1>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t base = smem_u32(smem);
@@ -424,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         release(stage);  // before the promotion: only registers from here
         const float lo0 = sa_lo * sb0, hi0 = sa_hi * sb0, lo1 = sa_lo * sb1, hi1 = sa_hi * sb1;
 #pragma unroll
-        for (int i = 0; i < P::kAccum / 4; ++i) {  // column group 8i .. 8i + 7
+        for (int i = 0; i < P::kGroups; ++i) {  // column group 8i .. 8i + 7
           const bool second = BN % kBlock != 0 && 8 * i >= split;
           const float lo = second ? lo1 : lo0, hi = second ? hi1 : hi0;
           fin[4 * i + 0] = fmaf(acc[4 * i + 0], lo, fin[4 * i + 0]);
@@ -470,6 +490,340 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---- v2 helpers (cp.async of the scales, bulk stores of the output rows) ----------------------------------------
+// 4-byte cp.async global -> shared (generic proxy; completion tracked by the mbarrier below, not by commit groups).
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// One arrival on `bar` once every earlier cp.async of this thread has landed; .noinc: the arrival is one of those
+// counted at the barrier's initialisation.
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Low / high words of a K-major 128-byte-swizzled wgmma descriptor (sm90::smem_desc with LBO 16): building the
+// 64-bit value from a 32-bit low word lets the +32-byte K steps be 32-bit adds (the address field cannot carry: it
+// is 14 bits of a shared-memory address below 256 KB, and the steps stay inside the stage).
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
+  return (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32) | lo;
+}
+
+// v2 (default): as v1, but
+//   * the producer is a whole warp: lane 0 issues the TMA loads as before, and every lane cp.asyncs 4 of the tile's
+//     128 activation scales (and lanes 0 / 1 the two weight scales) of the K block into the stage, so the consumers
+//     read their scales from shared memory after the full wait (kStages K blocks of lead instead of none). The full
+//     barrier counts 1 (expect_tx) + 32 (cp.async.mbarrier.arrive.noinc, one per lane, with or without copies);
+//   * the weight-scale block of each 8-column group is a compile-time fact: the K loop is instantiated per split
+//     (BN 192: the second scale block starts at column 128 or 64 of the tile), so the promotion is 4 FMUL + BN/2
+//     FFMA per K block without selects;
+//   * the epilogue: consumer warpgroup wg stages its 64 rows as bf16 (as before) and hands them to store warp 9 + wg
+//     (idle in v1), which copies the valid rows and columns to global memory with 16-byte loads / stores while the
+//     consumers run the next tile. One staging buffer per warpgroup, guarded by two mbarriers: out_full[wg] (4
+//     arrivals, one per consumer warp, after its staging stores) and out_empty[wg] (1 arrival, the store warp's,
+//     after its loads of the rows); the j-th use waits out_empty with parity (j & 1) ^ 1 and out_full with parity
+//     j & 1, as the stage ring. Both sides walk the same tile list and skip the same tiles (warpgroup without rows,
+//     or no tile for this CTA), so their counts j agree.
+template <int BN, int kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
+                              const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
+                              const __grid_constant__ CUtensorMap tma_bh,
+                              const Params p) {
+  using P = Plan<BN, 2>;
+  constexpr int kFullArrivals = 1 + 32;  // producer lane 0's expect_tx + one cp.async arrival per producer lane
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t base = smem_u32(smem);
+  int* s_first = reinterpret_cast<int*>(smem + P::kSeg);
+  int* s_m = s_first + kMaxExperts;
+  int* s_unit = s_m + kMaxExperts;  // kMaxExperts + 1 entries
+  auto full_bar = [&](int s) { return base + P::kBar + 8 * s; };
+  auto empty_bar = [&](int s) { return base + P::kBar + 8 * (P::kStages + s); };
+  auto out_full = [&](int w) { return base + P::kBar + 8 * (2 * P::kStages + w); };
+  auto out_empty = [&](int w) { return base + P::kBar + 8 * (2 * P::kStages + 2 + w); };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 256) {
+    for (int s = 0; s < P::kStages; ++s) {
+      mbar_init(full_bar(s), kFullArrivals);
+      mbar_init(empty_bar(s), kConsumerWarps * kCluster);  // with clusters: the peer's consumer warps too
+    }
+    for (int w = 0; w < 2; ++w) {
+      mbar_init(out_full(w), 4);  // the warpgroup's 4 warps
+      mbar_init(out_empty(w), 1);  // the store warp
+    }
+    fence_mbar_init();
+    tma_prefetch_desc(&tma_a);
+    tma_prefetch_desc(&tma_a64);
+    tma_prefetch_desc(&tma_b);
+    if constexpr (kCluster > 1) {
+      tma_prefetch_desc(&tma_a32);
+      tma_prefetch_desc(&tma_bh);
+    }
+  }
+  // Everything above may overlap the scan kernel (programmatic launch); its segments are read below.
+  griddep_wait();
+  for (int e = tid; e < kMaxExperts; e += kThreads) {
+    const int2 seg = e < p.num_experts ? p.seg[e] : make_int2(0, 0);
+    s_first[e] = seg.x;
+    s_m[e] = seg.y;
+  }
+  __syncthreads();
+  if (warp == 0) {  // unit prefix: lane l sums experts 8l .. 8l + 7, then a warp scan of the lane totals
+    static_assert(kMaxExperts == 32 * 8, "one warp, 8 experts per lane");
+    int blocks[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles);
+      sum += blocks[j];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += v;
+    }
+    int run = incl - sum;
+    if (lane == 0) s_unit[0] = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      run += blocks[j];
+      s_unit[8 * lane + j + 1] = run;
+    }
+  }
+  __syncthreads();  // also publishes the barrier initialisation
+  // The peer's barriers must be initialised before this CTA's multicasts or remote arrivals reach them.
+  if constexpr (kCluster > 1) cluster_sync();
+  const int num_units = s_unit[kMaxExperts];
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  const int first_unit = kCluster > 1 ? static_cast<int>(cluster_id_x()) : static_cast<int>(blockIdx.x);
+  const int unit_stride = kCluster > 1 ? static_cast<int>(num_clusters_x()) : static_cast<int>(gridDim.x);
+
+  if (warp >= kConsumerWarps) {
+    // ---- producer: warp 8 (lane 0 the TMA loads, all lanes the scales); store warps 9, 10; warp 11 leaves ----
+    setmaxnreg_dec<kProducerRegs>();
+    if (warp == kConsumerWarps + 1 || warp == kConsumerWarps + 2) {
+      // Store warp 9 + w: the staged rows of consumer warpgroup w, tile after tile in the consumers' order, to global
+      // memory: 4 chunks of 16 bytes per lane in flight (loads first, then stores).
+      const int w = warp - (kConsumerWarps + 1);
+      constexpr int kChunks = BN / 8;  // 16-byte chunks per row
+      const uint8_t* src = smem + P::kOut + 64 * w * P::kOutPitch;
+      uint32_t uses = 0;
+      for (int t = first_unit; t < num_units; t += unit_stride) {
+        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+        const int rows = min(tile.rows - 64 * w, 64);
+        if (!tile.has_n || rows <= 0) continue;  // exactly the tiles where warpgroup w is not active
+        const int chunks = min(kChunks, (p.n - tile.n0) / 8);  // valid chunks of a row (N % 8 == 0)
+        const int total = rows * kChunks;  // chunks of the warpgroup's rows, those past N included
+        __nv_bfloat16* dst = p.out + static_cast<int64_t>(tile.row0 + 64 * w) * p.n + tile.n0;
+        mbar_wait(out_full(w), uses & 1);
+        // Lane l walks chunks l, l + 32, ... of the warpgroup's rows: (row r, chunk c), advanced incrementally.
+        int r = lane / kChunks, c = lane % kChunks;
+        for (int i0 = 0; i0 < total; i0 += 4 * 32) {
+          uint4 v[4];
+          int off[4];
+          bool ok[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            ok[u] = r < rows && c < chunks;
+            if (ok[u]) v[u] = *reinterpret_cast<const uint4*>(src + r * P::kOutPitch + 16 * c);
+            off[u] = r * p.n + 8 * c;
+            c += 32 % kChunks;
+            r += 32 / kChunks;
+            if (c >= kChunks) {
+              c -= kChunks;
+              ++r;
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+            if (ok[u]) *reinterpret_cast<uint4*>(dst + off[u]) = v[u];
+        }
+        __syncwarp();  // every lane's loads of the rows are done
+        if (lane == 0) mbar_arrive(out_empty(w));
+        ++uses;
+      }
+      return;
+    }
+    if (warp != kConsumerWarps) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    auto advance = [&] {
+      if (++stage == P::kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    };
+    for (int t = first_unit; t < num_units; t += unit_stride) {
+      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+      // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
+      const bool half = tile.rows <= 64;
+      // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
+      // CTAs' multicasts; a CTA without a tile receives only the shared B.
+      const uint32_t a_bytes = half ? P::kABytes / 2 : P::kABytes;
+      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes : 0);
+      constexpr uint16_t kPair = (1u << kCluster) - 1;
+      // Scales of this CTA's tile: lane l copies rows l, l + 32 (and l + 64, l + 96 of a full tile) of the
+      // column-major activation scales (rows past R, which are never stored, read row R - 1), lanes 0 / 1 the
+      // weight scales of the tile's first / second column block (clamped to a valid block past N, never stored).
+      const int sb_col = tile.n0 / kBlock;
+      const float* sfb_k = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks + sb_col) * p.k_blocks +
+                           (lane == 1 && sb_col + 1 < p.n_scale_blocks ? p.k_blocks : 0);
+      const bool copy_sfb = tile.has_n && (lane == 0 || (BN % kBlock != 0 && lane == 1));
+      const int sfa_rows = half ? 2 : 4;  // x 32 rows
+      int sfa_row[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sfa_row[j] = min(tile.row0 + lane + 32 * j, p.rows - 1);
+      for (int kb = 0; kb < p.k_blocks; ++kb) {
+        // The consumers released this stage's previous use (with clusters: those of both CTAs, since this CTA's
+        // multicast writes the peer's stage too).
+        if constexpr (kCluster > 1) mbar_wait_cluster(empty_bar(stage), phase ^ 1);
+        else mbar_wait(empty_bar(stage), phase ^ 1);
+        const uint32_t full = full_bar(stage);
+        if (lane == 0) {
+          mbar_arrive_expect_tx(full, tx);
+          const uint32_t a_dst = base + P::kA + stage * P::kABytes;
+          const uint32_t b_dst = base + P::kB + stage * P::kBBytes;
+          if (tile.share_a) {
+            // Rank r: rows part * r .. part * r + part - 1 of the tile into both CTAs. A box starting past R (a tail
+            // of <= 32 rows at the end of a) is moved back inside: it then fills rows that are never stored.
+            const int part = half ? 32 : 64;
+            tma_load_2d_multicast(a_dst + rank * part * kBK, half ? &tma_a32 : &tma_a64, full, kb * kBK,
+                                  min(tile.row0 + part * rank, p.rows - 1), kPair);
+          } else if (tile.has_n) {
+            tma_load_2d(a_dst, half ? &tma_a64 : &tma_a, full, kb * kBK, tile.row0);
+          }
+          if (tile.share_b) {  // rank r: B rows BN/2 * r .. of the n-block (clamped like A: columns never stored)
+            tma_load_3d_multicast(b_dst + rank * (BN / 2) * kBK, &tma_bh, full, kb * kBK,
+                                  min(tile.n0 + (BN / 2) * rank, p.n - 1), tile.e, kPair);
+          } else {
+            tma_load_3d(b_dst, &tma_b, full, kb * kBK, tile.n0, tile.e);
+          }
+        }
+        if (tile.has_n) {
+          const float* col = p.sfa + static_cast<int64_t>(kb) * p.sfa_ld;
+          const uint32_t sfa_dst = base + P::kSfa + stage * P::kSfaBytes + 4 * lane;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (j < sfa_rows) cp_async_4(sfa_dst + 128 * j, col + sfa_row[j]);
+        }
+        if (copy_sfb) cp_async_4(base + P::kSfb + stage * P::kSfbBytes + 4 * lane, sfb_k + kb);
+        cp_async_arrive_noinc(full);  // every lane, every stage: the barrier counts 32 of these
+        advance();
+      }
+    }
+    if constexpr (kCluster > 1) {
+      // Wait for the last release of every stage: after it no arrival (the peer's remote ones included) and no
+      // multicast of this CTA is still on its way into shared memory that would no longer exist.
+      for (int s = 0; s < P::kStages; ++s) {
+        mbar_wait_cluster(empty_bar(stage), phase ^ 1);
+        advance();
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup wg owns rows 64 wg .. 64 wg + 63 of each tile ----
+  setmaxnreg_inc<kConsumerRegs>();
+  const int wg = tid / 128, wq = (tid % 128) / 32;
+  const int frag_row = 64 * wg + 16 * wq + lane / 4;  // accumulator rows frag_row and frag_row + 8 (tile rows)
+  uint8_t* out_stage = smem + P::kOut;
+  const float* s_sfa = reinterpret_cast<const float*>(smem + P::kSfa);
+  const float* s_sfb = reinterpret_cast<const float*>(smem + P::kSfb);
+  float acc[P::kAccum], fin[P::kAccum];
+  int stage = 0;
+  uint32_t phase = 0, out_uses = 0;
+  const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
+  // Descriptor low words of stage 0: A (this warpgroup's 64 rows) and B; a stage is kABytes / kBBytes further.
+  const uint32_t da0 = desc_lo(base + P::kA + wg * 64 * 128), db0 = desc_lo(base + P::kB);
+  // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
+  // producer writes the stage (this CTA's; with clusters also the peer's).
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar(s));
+    if (kCluster > 1 && lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
+  };
+  auto advance = [&] {
+    if (++stage == P::kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  };
+  // The K loop of an active tile; kFormer = 8-column groups (from the left) whose weight scale is the first block's,
+  // the others use the second block's.
+  auto mainloop = [&](auto former) {
+    constexpr int kFormer = decltype(former)::value;
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      mbar_wait(full_bar(stage), phase);
+      const float sa_lo = s_sfa[stage * kBM + frag_row], sa_hi = s_sfa[stage * kBM + frag_row + 8];
+      const float sb0 = s_sfb[stage * 4];
+      const float sb1 = kFormer < P::kGroups ? s_sfb[stage * 4 + 1] : sb0;
+      const uint32_t da = da0 + stage * (P::kABytes >> 4), db = db0 + stage * (P::kBBytes >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<BN>(acc, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
+      wgmma_commit();
+      float s[4] = {sa_lo * sb0, sa_hi * sb0, sa_lo * sb1, sa_hi * sb1};  // under the wgmmas
+      wgmma_wait<0>();
+      fence_regs(acc);
+      fence_regs(s);   // the scale reads are complete before the release below
+      release(stage);  // only registers from here
+#pragma unroll
+      for (int i = 0; i < P::kGroups; ++i) {  // column group 8i .. 8i + 7
+        const float lo = i < kFormer ? s[0] : s[2], hi = i < kFormer ? s[1] : s[3];
+        fin[4 * i + 0] = fmaf(acc[4 * i + 0], lo, fin[4 * i + 0]);
+        fin[4 * i + 1] = fmaf(acc[4 * i + 1], lo, fin[4 * i + 1]);
+        fin[4 * i + 2] = fmaf(acc[4 * i + 2], hi, fin[4 * i + 2]);
+        fin[4 * i + 3] = fmaf(acc[4 * i + 3], hi, fin[4 * i + 3]);
+      }
+      advance();
+    }
+  };
+
+  for (int t = first_unit; t < num_units; t += unit_stride) {
+    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+    const bool active = tile.has_n && tile.rows > 64 * wg;
+    if (!active) {
+      // Rows of this warpgroup are beyond the expert's valid rows (or this CTA is idle): release every stage unread.
+      // Waiting for it first keeps this warp's arrivals in step with the stage's uses.
+      for (int kb = 0; kb < p.k_blocks; ++kb) {
+        mbar_wait(full_bar(stage), phase);
+        release(stage);
+        advance();
+      }
+      continue;
+    }
+#pragma unroll
+    for (int i = 0; i < P::kAccum; ++i) fin[i] = 0.f;
+    // First column of the second weight-scale block inside the tile: n0 is a multiple of 64 (BN 192) or 128, so
+    // 128 - n0 % 128 is 128 (BN 128: no second block) or, for BN 192, 128 or 64.
+    if constexpr (BN % kBlock == 0) {
+      mainloop(std::integral_constant<int, P::kGroups>{});
+    } else {
+      static_assert(BN == 192, "split points of BN 192 only");
+      if (tile.n0 % kBlock == 0) mainloop(std::integral_constant<int, 16>{});
+      else mainloop(std::integral_constant<int, 8>{});
+    }
+
+    // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp ----
+    mbar_wait(out_empty(wg), (out_uses & 1) ^ 1);  // the store warp has read the previous tile's rows
+    {
+      uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
+      uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
+#pragma unroll
+      for (int i = 0; i < P::kGroups; ++i) {
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * i + 0], fin[4 * i + 1]);
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * i + 2], fin[4 * i + 3]);
+        *reinterpret_cast<__nv_bfloat162*>(r_lo + 16 * i) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = hi;
+      }
+    }
+    __syncwarp();  // the warp's staging stores happen before lane 0's (release) arrival
+    if (lane == 0) mbar_arrive(out_full(wg));
+    ++out_uses;
+  }
+}
+
 __global__ void __launch_bounds__(kScanThreads)
     segments_kernel(const int* __restrict__ row_expert, int rows, int num_experts, int* scratch, int2* seg) {
   find_contiguous_segments(row_expert, rows, num_experts, scratch,
@@ -510,14 +864,21 @@ CUtensorMap make_map(CUtensorMapDataType type, int rank, const void* ptr, const 
 // Per device (the attribute belongs to the function in each device's context): the dynamic shared-memory opt-in,
 // and for clusters how many 2-CTA clusters fit at once (GPCs with an odd SM count leave an SM out, so it can be less
 // than #SMs / 2; a persistent grid larger than that would run a second wave). 0 = not configured yet.
-template <int BN, int kCluster>
+// The kernel of a variant: kV = 2 (default) or 1 (DSV2_FP8_GEMM_KERNEL=v1).
+template <int BN, int kCluster, int kV>
+constexpr auto kernel_of() {
+  if constexpr (kV == 1) return grouped_contiguous_kernel_v1<BN, kCluster>;
+  else return grouped_contiguous_kernel<BN, kCluster>;
+}
+
+template <int BN, int kCluster, int kV>
 int configure(int device) {
-  using Pl = Plan<BN>;
-  static std::atomic<int> grid[64];
+  using Pl = Plan<BN, kV>;
+  static std::atomic<int> grid[64];  // one cache per instantiation
   const bool cached = device >= 0 && device < 64;
   int g = cached ? grid[device].load(std::memory_order_relaxed) : 0;
   if (g != 0) return g;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN, kCluster>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_of<BN, kCluster, kV>(),
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Pl::kDynamic));
   const int sms = sm_count(device);
   g = sms;
@@ -534,7 +895,7 @@ int configure(int device) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, grouped_contiguous_kernel<BN, kCluster>, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel_of<BN, kCluster, kV>(), &cfg) != cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
     }
@@ -547,14 +908,14 @@ int configure(int device) {
 
 // Launches the kernel as a programmatic dependent of the scan; with clusters the cluster dimension is a launch
 // attribute. Returns false (nothing queued) where a clustered launch is refused.
-template <int BN, int kCluster>
+template <int BN, int kCluster, int kV>
 bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& ma32, const CUtensorMap& mb,
             const CUtensorMap& mbh, const Params& p, int device, cudaStream_t stream) {
-  using Pl = Plan<BN>;
-  const int grid = configure<BN, kCluster>(device);
+  using Pl = Plan<BN, kV>;
+  const int grid = configure<BN, kCluster, kV>(device);
   if (grid <= 0) return false;
   if constexpr (kCluster == 1) {
-    launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1>, dim3(grid), dim3(kThreads),
+    launch_kernel(programmatic_launch_ok(stream, true), kernel_of<BN, 1, kV>(), dim3(grid), dim3(kThreads),
                   Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, p);
     return true;
   } else {
@@ -574,13 +935,20 @@ bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& m
     // PDL where allowed; if the runtime refuses the pair of attributes, the cluster alone.
     for (int n = programmatic_launch_ok(stream, true) ? 2 : 1; n >= 1; --n) {
       cfg.numAttrs = n;
-      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, p) ==
+      if (cudaLaunchKernelEx(&cfg, kernel_of<BN, kCluster, kV>(), ma, ma64, ma32, mb, mbh, p) ==
           cudaSuccess)
         return true;
       (void)cudaGetLastError();
     }
     return false;
   }
+}
+
+// DSV2_FP8_GEMM_KERNEL=v1: the previous kernel (scales from global memory in the K loop, st.global epilogue), for
+// A/B measurements in one build.
+bool use_v1() {
+  const char* v = std::getenv("DSV2_FP8_GEMM_KERNEL");
+  return v != nullptr && std::strcmp(v, "v1") == 0;
 }
 
 // DSV2_FP8_GEMM_CLUSTER=1: 2-CTA clusters sharing A by multicast (read at every call, so one process can A/B).
@@ -608,6 +976,9 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
                                  cudaStream_t stream) {
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(1), num_experts = b.size(0);
   if (num_experts > kMaxExperts) return false;
+  // v2's bulk row stores: 16-byte aligned rows and row lengths (N is a multiple of 128 wherever the weight scales
+  // are [E, N/128, K/128]; checked anyway, nothing is queued before this point).
+  if (n % 8 != 0 || reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) return false;
   const int bn = pick_block_n(n);
   // Tiles are counted in int on the device: at most (R / 128 + E) m-blocks times ceil(N / BN) n-blocks.
   if ((rows / kBM + num_experts) * ((n + bn - 1) / bn) >= INT_MAX) return false;
@@ -663,14 +1034,19 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   p.n_scale_blocks = static_cast<int>(n / kBlock);
   p.n_tiles = static_cast<int>((n + bn - 1) / bn);
   const int device = a.get_device();
-  bool done = false;
-  if (cluster)
-    done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, p, device, stream)
-                     : launch<128, 2>(ma, ma64, ma32, mb, mbh, p, device, stream);
-  if (!done) {
-    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
-    else launch<128, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
-  }
+  auto run = [&](auto v) {
+    constexpr int kV = decltype(v)::value;
+    bool done = false;
+    if (cluster)
+      done = bn == 192 ? launch<192, 2, kV>(ma, ma64, ma32, mb, mbh, p, device, stream)
+                       : launch<128, 2, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    if (!done) {
+      if (bn == 192) launch<192, 1, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
+      else launch<128, 1, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    }
+  };
+  if (use_v1()) run(std::integral_constant<int, 1>{});
+  else run(std::integral_constant<int, 2>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
