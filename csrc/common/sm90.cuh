@@ -78,13 +78,17 @@ __device__ __forceinline__ uint32_t num_clusters_x() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
-// One arrival on the mbarrier at the same shared-memory offset as `bar` in CTA `rank` of the cluster, released at
-// cluster scope (this thread's earlier reads of that CTA's data, and of its own, happen before the phase flips).
+// One arrival on the mbarrier at the same shared-memory offset as `bar` in CTA `rank` of the cluster, with the
+// default semantics (release at CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id) and DeepGEMM use it to
+// release multicast stages: what it orders are this thread's completed reads (wgmma operands after
+// wgmma.wait_group). The .release.cluster form compiled to MEMBAR.ALL.CTA + MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR
+// before every remote arrive (one per consumer warp and K block): a GPU-scope fence that also waits for the warp's
+// outstanding global stores, the likely cause of the 2-CTA mode's 2x slowdown on the H200.
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
       "r"(rank)
       : "memory");
 }
