@@ -635,7 +635,17 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major):
 @pytest.mark.gpu
 @requires_cuda_kernel("fp8_grouped_gemm_contiguous")
 @pytest.mark.parametrize(
-    "impl", ["ours-192", "ours-128", "ours-192-cluster", "ours-128-cluster", "ours-192-v1", "ours-128-cluster-v1"]
+    "impl",
+    [
+        "ours-192",
+        "ours-128",
+        "ours-192-cluster",  # pairing picked by R / E: m-block pairs for all but the one-expert case
+        "ours-128-cluster",
+        "ours-192-cluster-pairn",  # n-block pairs forced (V2-Lite's pairing)
+        "ours-128-cluster-pairn",
+        "ours-192-v1",  # the previous kernel (DSV2_FP8_GEMM_KERNEL=v1)
+        "ours-128-cluster-v1",
+    ],
 )
 @pytest.mark.parametrize(
     "sizes, n, k",
@@ -654,6 +664,7 @@ def test_kernel_grouped_gemm_contiguous_own(sizes, n, k, impl, monkeypatch):
     monkeypatch.setenv("DSV2_FP8_GEMM_BN", parts[1])
     monkeypatch.setenv("DSV2_FP8_GEMM_CLUSTER", "1" if "cluster" in parts else "0")
     monkeypatch.setenv("DSV2_FP8_GEMM_KERNEL", "v1" if "v1" in parts else "v2")
+    monkeypatch.setenv("DSV2_FP8_GEMM_PAIR", "n" if "pairn" in parts else "auto")
     e = len(sizes)
     g = torch.Generator().manual_seed(sum(sizes) + n)
     row_expert = []

@@ -199,6 +199,7 @@ struct Params {
   int sfa_ld;
   __nv_bfloat16* out;       // [R, N]
   int num_experts, rows, n, k_blocks, n_scale_blocks, n_tiles;  // rows = R, n_tiles = ceil(N / BN)
+  int pair_m;               // clusters only: units are m-block pairs sharing B (1) or n-block pairs sharing A (0)
 };
 
 // One output tile of this CTA: expert e, rows [row0, row0 + rows) of a and out (rows <= 128 valid), columns [n0, n0 +
@@ -211,9 +212,12 @@ struct Tile {
 
 // Units of an expert with `blocks` m-blocks: one per tile without clusters; with 2-CTA clusters, n-block pairs of
 // each m-block plus, for an odd n-block count, the last n-block's m-blocks two by two.
+// pair_m (2-CTA clusters, Params::pair_m): every unit is a pair of m-blocks 2i, 2i + 1 of one n-block sharing the B
+// tile (an odd m-block count leaves rank 1 idle on the last pair), instead of n-block pairs sharing A.
 template <int kCluster>
-__device__ __forceinline__ int expert_units(int blocks, int n_tiles) {
+__device__ __forceinline__ int expert_units(int blocks, int n_tiles, int pair_m) {
   if constexpr (kCluster == 1) return blocks * n_tiles;
+  else if (pair_m) return n_tiles * ((blocks + 1) >> 1);
   else return blocks * (n_tiles >> 1) + ((n_tiles & 1) ? (blocks + 1) >> 1 : 0);
 }
 
@@ -221,7 +225,7 @@ __device__ __forceinline__ int expert_units(int blocks, int n_tiles) {
 // e (s_unit[kMaxExperts] = all).
 template <int BN, int kCluster>
 __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first, const int* s_m, const int* s_unit,
-                                            int n_tiles) {
+                                            int n_tiles, int pair_m) {
   int lo = 0, hi = kMaxExperts - 1;  // first e with s_unit[e + 1] > t (experts without rows are never picked)
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
@@ -237,6 +241,13 @@ __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first,
   if constexpr (kCluster == 1) {
     nb = local / blocks;  // n-block major, m-block minor
     mb = local - nb * blocks;
+  } else if (pair_m) {
+    const int pairs = (blocks + 1) >> 1;  // n-block major, m-block pair minor
+    nb = local / pairs;
+    mb = 2 * (local - nb * pairs) + rank;
+    tile.share_b = true;
+    tile.has_n = mb < blocks;
+    if (!tile.has_n) mb = blocks - 1;  // keeps the fields valid; only the shared B half is loaded
   } else {
     const int paired = blocks * (n_tiles >> 1);
     if (local < paired) {
@@ -305,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int blocks[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles);
+      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles, p.pair_m);
       sum += blocks[j];
     }
     int incl = sum;
@@ -343,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     for (int t = first_unit; t < num_units; t += unit_stride) {
-      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
       // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
       const bool half = tile.rows <= 64;
       // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
@@ -407,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kCluster > 1 && lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
   };
   for (int t = first_unit; t < num_units; t += unit_stride) {
-    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
     const bool active = tile.has_n && tile.rows > 64 * wg;
     // Weight-scale rows of the tile's first and last column blocks (the same unless BN straddles; clamped to a
     // valid row where a partial last tile's columns run past N: those columns are never stored).
@@ -574,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int blocks[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles);
+      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles, p.pair_m);
       sum += blocks[j];
     }
     int incl = sum;
@@ -610,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint8_t* src = smem + P::kOut + 64 * w * P::kOutPitch;
       uint32_t uses = 0;
       for (int t = first_unit; t < num_units; t += unit_stride) {
-        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
         const int rows = min(tile.rows - 64 * w, 64);
         if (!tile.has_n || rows <= 0) continue;  // exactly the tiles where warpgroup w is not active
         const int chunks = min(kChunks, (p.n - tile.n0) / 8);  // valid chunks of a row (N % 8 == 0)
@@ -655,7 +666,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     for (int t = first_unit; t < num_units; t += unit_stride) {
-      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
       // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
       const bool half = tile.rows <= 64;
       // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
@@ -781,7 +792,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   for (int t = first_unit; t < num_units; t += unit_stride) {
-    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles);
+    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
     const bool active = tile.has_n && tile.rows > 64 * wg;
     if (!active) {
       // Rows of this warpgroup are beyond the expert's valid rows (or this CTA is idle): release every stage unread.
@@ -957,6 +968,18 @@ bool use_cluster() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// Cluster pairing: DSV2_FP8_GEMM_PAIR=m (m-block pairs share the B tile) | n (n-block pairs share the A tile);
+// otherwise m where the experts average at most 2 m-blocks (R / E <= 256 padded rows, V2 at 4096 tokens: the B tile
+// is 24 of the 40 KB a 128 x 192 stage loads, and an expert's full and tail m-blocks pair up with nothing idle),
+// else n (V2-Lite: 3 m-blocks per expert would leave one rank in 4 idle).
+int pick_pair_m(int64_t rows, int64_t experts) {
+  if (const char* v = std::getenv("DSV2_FP8_GEMM_PAIR")) {
+    if (std::strcmp(v, "m") == 0) return 1;
+    if (std::strcmp(v, "n") == 0) return 0;
+  }
+  return rows <= 256 * experts ? 1 : 0;
+}
+
 // N tile: DSV2_FP8_GEMM_BN=128|192 forces one (for measurements); otherwise 192, the larger tile (fewer L2 bytes per
 // FLOP: (16 + 24) KB per 128 x 192 x 128 block against (16 + 16) KB per 128 x 128 x 128), unless 128 wastes less
 // on a partial last n-block.
@@ -1033,6 +1056,7 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   p.k_blocks = kbs;
   p.n_scale_blocks = static_cast<int>(n / kBlock);
   p.n_tiles = static_cast<int>((n + bn - 1) / bn);
+  p.pair_m = cluster ? pick_pair_m(rows, num_experts) : 0;
   const int device = a.get_device();
   auto run = [&](auto v) {
     constexpr int kV = decltype(v)::value;
