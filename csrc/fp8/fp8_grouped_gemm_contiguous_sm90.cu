@@ -529,9 +529,9 @@ __device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
 //     FFMA per K block without selects;
 //   * the epilogue: consumer warpgroup wg stages its 64 rows as bf16 (as before) and hands them to store warp 9 + wg
 //     (idle in v1), which copies the valid rows and columns to global memory with 16-byte loads / stores while the
-//     consumers run the next tile. One staging buffer per warpgroup, guarded by two mbarriers: out_full[wg] (4
-//     arrivals, one per consumer warp, after its staging stores) and out_empty[wg] (1 arrival, the store warp's,
-//     after its loads of the rows); the j-th use waits out_empty with parity (j & 1) ^ 1 and out_full with parity
+//     consumers run the next tile. One staging buffer per warpgroup, guarded by two mbarriers: out_full[wg] (128
+//     arrivals, every consumer thread after its staging stores) and out_empty[wg] (32 arrivals, the store warp's
+//     lanes after their loads of the rows); the j-th use waits out_empty with parity (j & 1) ^ 1 and out_full with parity
 //     j & 1, as the stage ring. Both sides walk the same tile list and skip the same tiles (warpgroup without rows,
 //     or no tile for this CTA), so their counts j agree.
 template <int BN, int kCluster>
@@ -560,8 +560,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(empty_bar(s), kConsumerWarps * kCluster);  // with clusters: the peer's consumer warps too
     }
     for (int w = 0; w < 2; ++w) {
-      mbar_init(out_full(w), 4);  // the warpgroup's 4 warps
-      mbar_init(out_empty(w), 1);  // the store warp
+      mbar_init(out_full(w), 128);  // every thread of the warpgroup (its own staging stores)
+      mbar_init(out_empty(w), 32);  // every lane of the store warp (its own loads)
     }
     fence_mbar_init();
     tma_prefetch_desc(&tma_a);
@@ -650,8 +650,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int u = 0; u < 4; ++u)
             if (ok[u]) *reinterpret_cast<uint4*>(dst + off[u]) = v[u];
         }
-        __syncwarp();  // every lane's loads of the rows are done
-        if (lane == 0) mbar_arrive(out_empty(w));
+        // Every lane releases its own loads: an elected arrival after __syncwarp is not ordered for racecheck
+        // (the same finding as in the decode kernels).
+        mbar_arrive(out_empty(w));
         ++uses;
       }
       return;
@@ -829,8 +830,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = hi;
       }
     }
-    __syncwarp();  // the warp's staging stores happen before lane 0's (release) arrival
-    if (lane == 0) mbar_arrive(out_full(wg));
+    mbar_arrive(out_full(wg));  // every thread releases its own staging stores
     ++out_uses;
   }
 }
