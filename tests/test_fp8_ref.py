@@ -613,8 +613,11 @@ def test_kernel_fp8_gemm_cuda_graph():
 @requires_cuda_kernel("fp8_grouped_gemm_contiguous")
 @pytest.mark.parametrize("sizes", [[128, 0, 256, 128], [0, 0, 0, 128], [384] * 8, [128] * 64])
 @pytest.mark.parametrize("column_major", [False, True])
-def test_kernel_grouped_gemm_contiguous(sizes, column_major):
+@pytest.mark.parametrize("impl", ["default", "cutlass"])
+def test_kernel_grouped_gemm_contiguous(sizes, column_major, impl, monkeypatch):
     """Segments as the dispatch lays them out: each expert's rows contiguous, padded to a multiple of 128 with -1."""
+    if impl == "cutlass":  # the CUTLASS kernel, which our own kernel replaced as the default
+        monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "cutlass")
     n, k = 2816, 2048
     e = len(sizes)
     g = torch.Generator().manual_seed(sum(sizes))

@@ -10,7 +10,8 @@
 // not one contiguous segment (not the dispatch's layout) is skipped entirely and its rows left unwritten, rather than
 // computing rows that belong to other experts.
 //
-// DSV2_FP8_GEMM_IMPL=ours runs our own kernel instead (fp8_grouped_gemm_contiguous_sm90.cu), same inputs and output.
+// This CUTLASS kernel runs with DSV2_FP8_GEMM_IMPL=cutlass, or where our own kernel (fp8_grouped_gemm_contiguous_sm90.cu,
+// the default: same inputs and output) does not apply.
 
 #include "contiguous_segments.cuh"
 #include "gemm_common.cuh"

@@ -1,7 +1,7 @@
-// fp8_grouped_gemm_contiguous, our own sm_90a kernel (DSV2_FP8_GEMM_IMPL=ours; the default stays CUTLASS's until this
-// one is measured): row r of a [R, K] times expert row_expert[r]'s weight [N, K], block-scaled e4m3 in, bf16 out.
+// fp8_grouped_gemm_contiguous, our own sm_90a kernel (the default; DSV2_FP8_GEMM_IMPL=cutlass runs CUTLASS's, measured
+// in benchmarks/RESULTS.md): row r of a [R, K] times expert row_expert[r]'s weight [N, K], block-scaled e4m3 in, bf16 out.
 // Same inputs, outputs and unwritten rows as fp8_grouped_gemm_contiguous.cu (the segment scan is shared:
-// contiguous_segments.cuh). Design and measurements: notes/gemm_own.md.
+// contiguous_segments.cuh).
 //
 // One persistent CTA per SM, 384 threads:
 //   * warpgroup 2 (threads 256..383) is the producer: one thread issues the TMA loads of every K block of every tile
