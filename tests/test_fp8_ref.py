@@ -646,8 +646,6 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major, impl, monkeypatch):
         "ours-128-cluster",
         "ours-192-cluster-pairn",  # n-block pairs forced (V2-Lite's pairing)
         "ours-128-cluster-pairn",
-        "ours-192-v1",  # the previous kernel (DSV2_FP8_GEMM_KERNEL=v1)
-        "ours-128-cluster-v1",
     ],
 )
 @pytest.mark.parametrize(
@@ -666,7 +664,6 @@ def test_kernel_grouped_gemm_contiguous_own(sizes, n, k, impl, monkeypatch):
     monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "ours")
     monkeypatch.setenv("DSV2_FP8_GEMM_BN", parts[1])
     monkeypatch.setenv("DSV2_FP8_GEMM_CLUSTER", "1" if "cluster" in parts else "0")
-    monkeypatch.setenv("DSV2_FP8_GEMM_KERNEL", "v1" if "v1" in parts else "v2")
     monkeypatch.setenv("DSV2_FP8_GEMM_PAIR", "n" if "pairn" in parts else "auto")
     e = len(sizes)
     g = torch.Generator().manual_seed(sum(sizes) + n)

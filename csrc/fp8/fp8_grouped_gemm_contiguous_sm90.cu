@@ -1,18 +1,32 @@
-// fp8_grouped_gemm_contiguous, our own sm_90a kernel (the default; DSV2_FP8_GEMM_IMPL=cutlass runs CUTLASS's, measured
-// in benchmarks/RESULTS.md): row r of a [R, K] times expert row_expert[r]'s weight [N, K], block-scaled e4m3 in, bf16 out.
-// Same inputs, outputs and unwritten rows as fp8_grouped_gemm_contiguous.cu (the segment scan is shared:
-// contiguous_segments.cuh).
+// fp8_grouped_gemm_contiguous, our own sm_90a kernel (the default; DSV2_FP8_GEMM_IMPL=cutlass runs CUTLASS's,
+// measured in benchmarks/RESULTS.md): row r of a [R, K] times expert row_expert[r]'s weight [N, K], block-scaled e4m3
+// in, bf16 out. Same inputs, outputs and unwritten rows as fp8_grouped_gemm_contiguous.cu (the segment scan is
+// shared: contiguous_segments.cuh).
 //
 // One persistent CTA per SM, 384 threads:
-//   * warpgroup 2 (threads 256..383) is the producer: one thread issues the TMA loads of every K block of every tile
-//     of this CTA into a ring of kStages stages (A 128 x 128 e4m3, B BN x 128 e4m3, both 128-byte swizzled), each
-//     stage guarded by a full barrier (1 arrival + the TMA bytes) and an empty barrier (one arrival per consumer
-//     warp);
-//   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile: per K block four
-//     m64nBNk32 e4m3 wgmmas into a partial fp32 accumulator, wait, release the stage, then the promotion
-//     final += partial * (a_scale[row] * b_scale[kb, column block]) in fp32. The two warpgroups share the tensor
-//     core: one promotes while the other's wgmmas run. After the last K block each writes its 64 rows as bf16 to a
-//     padded staging buffer and stores them with 16-byte stores, skipping rows beyond the expert's valid rows.
+//   * warp 8 is the producer. For each K block of each tile of this CTA it fills one stage of a ring of kStages: lane
+//     0 issues the TMA loads of A (128 x 128 e4m3) and B (BN x 128 e4m3), both 128-byte swizzled, and all 32 lanes
+//     cp.async the tile's 128 activation scales of that K block (lanes 0 / 1 also its one or two weight scales) into
+//     the same stage. The consumers thus find their scales in shared memory once the stage is full, kStages K blocks
+//     ahead of use, and never wait on a global load inside the K loop. The scales travel by cp.async rather than as a
+//     third TMA box because an fp32 scale map with a 128 x 1 box raised "illegal instruction" on the H200.
+//   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile: per K block four m64nBNk32
+//     e4m3 wgmmas into a partial fp32 accumulator, wait, release the stage, then the promotion
+//     final += partial * (a_scale[row] * b_scale[k block, column block]) in fp32. The two warpgroups share the tensor
+//     core: while one promotes, the other's wgmmas run.
+//   * warps 9 and 10 are the store warps, one per consumer warpgroup (warp 11 exits at once). They take the epilogue's
+//     global stores off the consumers, which start the next tile's K loop instead.
+//
+// Weight scales: b_scale has one value per 128 columns, so a BN 192 tile can straddle two scale blocks, the second
+// starting at tile column 128 or 64 (n0 is a multiple of 64). The K loop is instantiated once per split point, which
+// makes the block of every 8-column accumulator group a compile-time fact: the promotion is 4 FMUL + BN / 2 FFMA per
+// K block, without selects.
+//
+// Epilogue: after its last K block, consumer warpgroup wg writes its 64 rows as bf16 into its own padded staging
+// buffer, and store warp 9 + wg copies the valid rows and columns from there to global memory with 16-byte loads and
+// stores. The hand-over goes through two mbarriers per staging buffer (out_full: the rows are staged; out_empty: the
+// store warp has read them), and every thread arrives on them for its own accesses instead of one lane after
+// __syncwarp, which racecheck does not accept as ordering the other lanes' shared-memory accesses.
 //
 // Tiles: expert e's valid rows [first_e, first_e + m_e) form ceil(m_e / 128) m-blocks (padding rows are never
 // computed: whole padding blocks have no tile), times ceil(N / BN) n-blocks. Tile order: expert after expert; inside
@@ -23,32 +37,20 @@
 //
 // Tail tiles (<= 64 valid rows) load 64 A rows (a second A tensor map with a 64-row box): fewer L2 bytes per FLOP.
 //
-// DSV2_FP8_GEMM_CLUSTER=1 (default 0 until measured): clusters of 2 CTAs along N share the A tile. A cluster takes
-// "units": a pair of n-blocks 2j, 2j + 1 of one m-block, rank r computing n-block 2j + r; each CTA loads half of the
-// A rows (64, or 32 of a <= 64-row tail) and multicasts them into both CTAs, so A costs each SM half the L2 bytes.
-// With an odd n-block count the last n-block of an expert's m-blocks is paired along M instead (m-blocks 2i, 2i + 1,
-// rank r the second): those two tiles share B, each CTA loads half of its rows for both; an odd m-block count leaves
-// rank 1 without a tile on the last one (it still loads its half of B for rank 0). Because either CTA's TMA writes the
-// other's stage, a stage is refilled only once the consumers of BOTH CTAs released it: each consumer warp arrives on
-// its own and on the peer's empty barrier (16 arrivals a phase). Every fill of a stage delivers bytes to both CTAs
-// and each CTA's full barrier needs both CTAs' fills, so neither CTA can use a stage again before both producers saw
-// its previous release complete: no arrival of a later use can be counted in an earlier phase. Before exiting, each
-// producer waits every stage's last release (the peer's remote arrivals must land while this CTA's shared memory still
-// exists).
-//
-// Two kernels (one build, DSV2_FP8_GEMM_KERNEL=v1 selects the first for A/B measurements; notes/gemm2.md):
-//   * v2 (default, grouped_contiguous_kernel): the producer warp also cp.asyncs each K block's activation and weight
-//     scales into the stage (so the consumers never wait on a global load in the K loop), the weight-scale block of
-//     each 8-column group is resolved at compile time (no selects in the promotion), and two store warps copy the
-//     staged bf16 rows to global memory while the consumers run the next tile. Details above that kernel.
-//   * v1 (grouped_contiguous_kernel_v1): as described in the paragraphs above and below.
-//
-// Scales (v1): each consumer thread reads its two rows' a_scale (column-major activation scales) and the tile's b_scale
-// (E * N/128 * K/128 floats) from global memory, L2-resident, before it waits for the K block's stage, so their
-// latency hides under the wait and the wgmmas. (The a_scales were first a third TMA box per stage, a 2D fp32 map of
-// box 128 x 1; on the H200 that load raised "illegal instruction" in every configuration, and 2 floats per thread
-// need no TMA.) A BN that is not a multiple of 128 lets a tile straddle two
-// weight-scale blocks: each 8-column group picks its block's scale (the split falls on a multiple of 32 columns).
+// DSV2_FP8_GEMM_CLUSTER=1 runs clusters of 2 CTAs that share a tile operand by multicast. It is off by default: on the
+// H200 it measured slower than the unclustered kernel. A cluster takes "units" of two tiles. N pairs
+// (DSV2_FP8_GEMM_PAIR=n): n-blocks 2j, 2j + 1 of one m-block, rank r computing n-block 2j + r; each CTA loads half of
+// the A rows (64, or 32 of a <= 64-row tail) and multicasts them into both CTAs, so A costs each SM half the L2 bytes.
+// With an odd n-block count the last n-block of an expert's m-blocks is paired along M instead. M pairs
+// (DSV2_FP8_GEMM_PAIR=m, and the automatic choice where experts average at most 2 m-blocks): m-blocks 2i, 2i + 1 of
+// one n-block, rank r the second; the two tiles share B and each CTA loads half of its rows for both. An odd m-block
+// count leaves rank 1 without a tile on the last pair (it still loads its half of B for rank 0). Because either CTA's
+// TMA writes the other's stage, a stage is refilled only once the consumers of BOTH CTAs released it: each consumer
+// warp arrives on its own and on the peer's empty barrier (16 arrivals a phase). Every fill of a stage delivers bytes
+// to both CTAs and each CTA's full barrier needs both CTAs' fills, so neither CTA can use a stage again before both
+// producers saw its previous release complete: no arrival of a later use can be counted in an earlier phase. Before
+// exiting, each producer waits every stage's last release (the peer's remote arrivals must land while this CTA's
+// shared memory still exists).
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -76,10 +78,8 @@ using sm90::mbar_init;
 using sm90::mbar_wait;
 using sm90::mbar_wait_cluster;
 using sm90::num_clusters_x;
-using sm90::named_bar_sync;
 using sm90::setmaxnreg_dec;
 using sm90::setmaxnreg_inc;
-using sm90::smem_desc;
 using sm90::smem_u32;
 using sm90::tma_load_2d;
 using sm90::tma_load_2d_multicast;
@@ -93,7 +93,7 @@ using sm90::wgmma_wait;
 constexpr int kBM = 128;                  // rows per tile: two consumer warpgroups x 64
 constexpr int kBK = kBlock;               // K per stage = the scale group: one promotion per stage
 constexpr int kMaxExperts = 256;          // segments kept in shared memory (more: the CUTLASS kernel runs)
-constexpr int kThreads = 384;             // consumers: threads 0..255, producer: 256..383
+constexpr int kThreads = 384;             // consumers: threads 0..255, producer and store warps: 256..383
 constexpr int kConsumerWarps = 8;         // arrivals per empty barrier phase
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register reallocation exceeds the budget");
@@ -159,17 +159,17 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], uint64_t desc_a, u
 }
 
 // Shared-memory plan of one BN (offsets from a 1024-byte aligned base: the 128-byte swizzle is computed from address
-// bits, so every swizzled tile starts 1024-aligned). kV = 2 (the default kernel) adds per stage the tile's 128
-// activation scales and its (up to) two weight scales, written by the producer warp with cp.async.
-template <int BN, int kV = 2>
+// bits, so every swizzled tile starts 1024-aligned). Each stage also holds the tile's 128 activation scales and its
+// (up to) two weight scales, written by the producer warp with cp.async.
+template <int BN>
 struct Plan {
   static constexpr int kAccum = BN / 2;             // fp32 registers of one m64nBN accumulator per thread
   static constexpr int kGroups = BN / 8;            // 8-column groups of the accumulator fragment
   static constexpr int kABytes = kBM * kBK;         // 16 KB
   static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
   static constexpr int kStageTx = kABytes + kBBytes;  // TMA bytes per stage (boxes count whole)
-  static constexpr int kSfaBytes = kV == 2 ? kBM * 4 : 0;  // a_scale of each tile row
-  static constexpr int kSfbBytes = kV == 2 ? 16 : 0;       // b_scale of the first / second column block (+ pad)
+  static constexpr int kSfaBytes = kBM * 4;         // a_scale of each tile row
+  static constexpr int kSfbBytes = 16;              // b_scale of the first / second column block (+ pad)
   static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
                                                     // conflict-free (rows 4 banks apart) and rows 16-byte aligned
   static constexpr int kOutBytes = kBM * kOutPitch;
@@ -183,9 +183,9 @@ struct Plan {
   static constexpr int kSfa = kOut + kOutBytes;     // [kStages][128] fp32
   static constexpr int kSfb = kSfa + kStages * kSfaBytes;  // [kStages][4] fp32
   static constexpr int kSeg = kSfb + kStages * kSfbBytes;
-  static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages] (+ v2: out_full[2],
-                                                               // out_empty[2])
-  static constexpr int kBytes = kBar + (2 * kStages + (kV == 2 ? 4 : 0)) * 8;
+  static constexpr int kBar = (kSeg + kSegBytes + 7) / 8 * 8;  // full[kStages], empty[kStages], out_full[2],
+                                                               // out_empty[2]
+  static constexpr int kBytes = kBar + (2 * kStages + 4) * 8;
   static constexpr int kDynamic = kBytes + 1024;    // + alignment slack of the dynamic shared-memory base
   static_assert(kBBytes % 1024 == 0 && kStages >= 3, "stage plan");
   static_assert(kOutPitch % 16 == 0, "staged rows are read with 16-byte loads");
@@ -270,238 +270,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first,
   return tile;
 }
 
-// v1 (DSV2_FP8_GEMM_KERNEL=v1, kept for A/B measurements): the consumers read the scales from global memory each K
-// block, the weight-scale block of each 8-column group is selected at run time, 16-byte st.global epilogue.
-template <int BN, int kCluster>
-__global__ void __launch_bounds__(kThreads, 1)
-    grouped_contiguous_kernel_v1(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
-                              const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
-                              const __grid_constant__ CUtensorMap tma_bh,
-                              const Params p) {
-  using P = Plan<BN, 1>;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  const uint32_t base = smem_u32(smem);
-  int* s_first = reinterpret_cast<int*>(smem + P::kSeg);
-  int* s_m = s_first + kMaxExperts;
-  int* s_unit = s_m + kMaxExperts;  // kMaxExperts + 1 entries
-  auto full_bar = [&](int s) { return base + P::kBar + 8 * s; };
-  auto empty_bar = [&](int s) { return base + P::kBar + 8 * (P::kStages + s); };
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  if (tid == 256) {
-    for (int s = 0; s < P::kStages; ++s) {
-      mbar_init(full_bar(s), 1);
-      mbar_init(empty_bar(s), kConsumerWarps * kCluster);  // with clusters: the peer's consumer warps too
-    }
-    fence_mbar_init();
-    tma_prefetch_desc(&tma_a);
-    tma_prefetch_desc(&tma_a64);
-    tma_prefetch_desc(&tma_b);
-    if constexpr (kCluster > 1) {
-      tma_prefetch_desc(&tma_a32);
-      tma_prefetch_desc(&tma_bh);
-    }
-  }
-  // Everything above may overlap the scan kernel (programmatic launch); its segments are read below.
-  griddep_wait();
-  for (int e = tid; e < kMaxExperts; e += kThreads) {
-    const int2 seg = e < p.num_experts ? p.seg[e] : make_int2(0, 0);
-    s_first[e] = seg.x;
-    s_m[e] = seg.y;
-  }
-  __syncthreads();
-  if (warp == 0) {  // unit prefix: lane l sums experts 8l .. 8l + 7, then a warp scan of the lane totals
-    static_assert(kMaxExperts == 32 * 8, "one warp, 8 experts per lane");
-    int blocks[8], sum = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles, p.pair_m);
-      sum += blocks[j];
-    }
-    int incl = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += v;
-    }
-    int run = incl - sum;
-    if (lane == 0) s_unit[0] = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      run += blocks[j];
-      s_unit[8 * lane + j + 1] = run;
-    }
-  }
-  __syncthreads();  // also publishes the barrier initialisation
-  // The peer's barriers must be initialised before this CTA's multicasts or remote arrivals reach them.
-  if constexpr (kCluster > 1) cluster_sync();
-  const int num_units = s_unit[kMaxExperts];
-  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
-  const int first_unit = kCluster > 1 ? static_cast<int>(cluster_id_x()) : static_cast<int>(blockIdx.x);
-  const int unit_stride = kCluster > 1 ? static_cast<int>(num_clusters_x()) : static_cast<int>(gridDim.x);
-
-  if (warp >= kConsumerWarps) {
-    // ---- producer ----
-    setmaxnreg_dec<kProducerRegs>();
-    if (tid != 256) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    auto advance = [&] {
-      if (++stage == P::kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
-    };
-    for (int t = first_unit; t < num_units; t += unit_stride) {
-      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-      // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
-      const bool half = tile.rows <= 64;
-      // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
-      // CTAs' multicasts; a CTA without a tile receives only the shared B.
-      const uint32_t a_bytes = half ? P::kABytes / 2 : P::kABytes;
-      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes : 0);
-      constexpr uint16_t kPair = (1u << kCluster) - 1;
-      for (int kb = 0; kb < p.k_blocks; ++kb) {
-        // The consumers released this stage's previous use (with clusters: those of both CTAs, since this CTA's
-        // multicast writes the peer's stage too).
-        if constexpr (kCluster > 1) mbar_wait_cluster(empty_bar(stage), phase ^ 1);
-        else mbar_wait(empty_bar(stage), phase ^ 1);
-        const uint32_t full = full_bar(stage);
-        mbar_arrive_expect_tx(full, tx);
-        const uint32_t a_dst = base + P::kA + stage * P::kABytes;
-        const uint32_t b_dst = base + P::kB + stage * P::kBBytes;
-        if (tile.share_a) {
-          // Rank r: rows part * r .. part * r + part - 1 of the tile into both CTAs. A box starting past R (a tail of
-          // <= 32 rows at the end of a) is moved back inside: it then fills rows that are never stored.
-          const int part = half ? 32 : 64;
-          tma_load_2d_multicast(a_dst + rank * part * kBK, half ? &tma_a32 : &tma_a64, full, kb * kBK,
-                                min(tile.row0 + part * rank, p.rows - 1), kPair);
-        } else if (tile.has_n) {
-          tma_load_2d(a_dst, half ? &tma_a64 : &tma_a, full, kb * kBK, tile.row0);
-        }
-        if (tile.share_b) {  // rank r: B rows BN/2 * r .. of the n-block (clamped like A: columns never stored)
-          tma_load_3d_multicast(b_dst + rank * (BN / 2) * kBK, &tma_bh, full, kb * kBK,
-                                min(tile.n0 + (BN / 2) * rank, p.n - 1), tile.e, kPair);
-        } else {
-          tma_load_3d(b_dst, &tma_b, full, kb * kBK, tile.n0, tile.e);
-        }
-        advance();
-      }
-    }
-    if constexpr (kCluster > 1) {
-      // Wait for the last release of every stage: after it no arrival (the peer's remote ones included) and no
-      // multicast of this CTA is still on its way into shared memory that would no longer exist.
-      for (int s = 0; s < P::kStages; ++s) {
-        mbar_wait_cluster(empty_bar(stage), phase ^ 1);
-        advance();
-      }
-    }
-    return;
-  }
-
-  // ---- consumers: warpgroup wg owns rows 64 wg .. 64 wg + 63 of each tile ----
-  setmaxnreg_inc<kConsumerRegs>();
-  const int wg = tid / 128, wtid = tid % 128, wq = wtid / 32;
-  const int frag_row = 64 * wg + 16 * wq + lane / 4;  // accumulator rows frag_row and frag_row + 8 (tile rows)
-  constexpr int kChunks = BN / 8;                     // 16-byte chunks per output row
-  uint8_t* out_stage = smem + P::kOut;
-  float acc[P::kAccum], fin[P::kAccum];
-  int stage = 0;
-  uint32_t phase = 0;
-  const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
-  // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
-  // producer writes the stage (this CTA's; with clusters also the peer's).
-  auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty_bar(s));
-    if (kCluster > 1 && lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
-  };
-  for (int t = first_unit; t < num_units; t += unit_stride) {
-    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-    const bool active = tile.has_n && tile.rows > 64 * wg;
-    // Weight-scale rows of the tile's first and last column blocks (the same unless BN straddles; clamped to a
-    // valid row where a partial last tile's columns run past N: those columns are never stored).
-    const int sb_col = tile.n0 / kBlock;
-    const float* sfb0 = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks + sb_col) * p.k_blocks;
-    const float* sfb1 = sfb0 + (sb_col + 1 < p.n_scale_blocks ? p.k_blocks : 0);
-    const int split = kBlock - tile.n0 % kBlock;  // first column of the second scale block (>= BN: none)
-    // Activation scales straight from global memory (L2-resident, 2 floats per thread and k block), issued before the
-    // stage wait so that their latency hides under it; rows past R (a tile's unstored tail) read row R - 1.
-    const float* sfa_lo = p.sfa + min(tile.row0 + frag_row, p.rows - 1);
-    const float* sfa_hi = p.sfa + min(tile.row0 + frag_row + 8, p.rows - 1);
-#pragma unroll
-    for (int i = 0; i < P::kAccum; ++i) fin[i] = 0.f;
-
-    for (int kb = 0; kb < p.k_blocks; ++kb) {
-      float sa_lo = 0.f, sa_hi = 0.f, sb0 = 0.f, sb1 = 0.f;
-      if (active) {
-        const int64_t col = static_cast<int64_t>(kb) * p.sfa_ld;
-        sa_lo = __ldg(sfa_lo + col);
-        sa_hi = __ldg(sfa_hi + col);
-        sb0 = __ldg(sfb0 + kb);
-        sb1 = BN % kBlock != 0 ? __ldg(sfb1 + kb) : sb0;
-      }
-      mbar_wait(full_bar(stage), phase);
-      if (active) {
-        const uint64_t da = smem_desc(base + P::kA + stage * P::kABytes + wg * 64 * 128, 16);
-        const uint64_t db = smem_desc(base + P::kB + stage * P::kBBytes, 16);
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<BN>(acc, da + 2 * k, db + 2 * k, k);  // +32 bytes of K
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-        release(stage);  // before the promotion: only registers from here
-        const float lo0 = sa_lo * sb0, hi0 = sa_hi * sb0, lo1 = sa_lo * sb1, hi1 = sa_hi * sb1;
-#pragma unroll
-        for (int i = 0; i < P::kGroups; ++i) {  // column group 8i .. 8i + 7
-          const bool second = BN % kBlock != 0 && 8 * i >= split;
-          const float lo = second ? lo1 : lo0, hi = second ? hi1 : hi0;
-          fin[4 * i + 0] = fmaf(acc[4 * i + 0], lo, fin[4 * i + 0]);
-          fin[4 * i + 1] = fmaf(acc[4 * i + 1], lo, fin[4 * i + 1]);
-          fin[4 * i + 2] = fmaf(acc[4 * i + 2], hi, fin[4 * i + 2]);
-          fin[4 * i + 3] = fmaf(acc[4 * i + 3], hi, fin[4 * i + 3]);
-        }
-      } else {
-        // Rows of this warpgroup are beyond the expert's valid rows (or this CTA is idle): release the stage
-        // unread. Waiting for it first keeps this warp's arrivals in step with the stage's uses.
-        release(stage);
-      }
-      if (++stage == P::kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
-    }
-    if (!active) continue;
-
-    // ---- epilogue: bf16 through this warpgroup's 64 staged rows, 16-byte stores of the valid rows ----
-    named_bar_sync<128>(1 + wg);  // the previous tile's stores have read the staging rows
-    {
-      uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
-      uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
-#pragma unroll
-      for (int i = 0; i < P::kAccum / 4; ++i) {
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * i + 0], fin[4 * i + 1]);
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * i + 2], fin[4 * i + 3]);
-        *reinterpret_cast<__nv_bfloat162*>(r_lo + 16 * i) = lo;
-        *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = hi;
-      }
-    }
-    named_bar_sync<128>(1 + wg);  // every row of the warpgroup is staged
-    const int rows = min(tile.rows - 64 * wg, 64);
-    for (int idx = wtid; idx < rows * kChunks; idx += 128) {
-      const int r = idx / kChunks, c = idx - r * kChunks;
-      const int col = tile.n0 + 8 * c;
-      if (col < p.n) {
-        const uint4 v = *reinterpret_cast<const uint4*>(out_stage + (64 * wg + r) * P::kOutPitch + 16 * c);
-        *reinterpret_cast<uint4*>(p.out + static_cast<int64_t>(tile.row0 + 64 * wg + r) * p.n + col) = v;
-      }
-    }
-  }
-}
-
-// ---- v2 helpers (cp.async of the scales, bulk stores of the output rows) ----------------------------------------
+// ---- helpers: cp.async of the scales, wgmma descriptors -------------------------------------------------------------
 // 4-byte cp.async global -> shared (generic proxy; completion tracked by the mbarrier below, not by commit groups).
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
@@ -519,28 +288,24 @@ __device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
   return (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32) | lo;
 }
 
-// v2 (default): as v1, but
-//   * the producer is a whole warp: lane 0 issues the TMA loads as before, and every lane cp.asyncs 4 of the tile's
-//     128 activation scales (and lanes 0 / 1 the two weight scales) of the K block into the stage, so the consumers
-//     read their scales from shared memory after the full wait (kStages K blocks of lead instead of none). The full
-//     barrier counts 1 (expect_tx) + 32 (cp.async.mbarrier.arrive.noinc, one per lane, with or without copies);
-//   * the weight-scale block of each 8-column group is a compile-time fact: the K loop is instantiated per split
-//     (BN 192: the second scale block starts at column 128 or 64 of the tile), so the promotion is 4 FMUL + BN/2
-//     FFMA per K block without selects;
-//   * the epilogue: consumer warpgroup wg stages its 64 rows as bf16 (as before) and hands them to store warp 9 + wg
-//     (idle in v1), which copies the valid rows and columns to global memory with 16-byte loads / stores while the
-//     consumers run the next tile. One staging buffer per warpgroup, guarded by two mbarriers: out_full[wg] (128
-//     arrivals, every consumer thread after its staging stores) and out_empty[wg] (32 arrivals, the store warp's
-//     lanes after their loads of the rows); the j-th use waits out_empty with parity (j & 1) ^ 1 and out_full with parity
-//     j & 1, as the stage ring. Both sides walk the same tile list and skip the same tiles (warpgroup without rows,
-//     or no tile for this CTA), so their counts j agree.
+// The GEMM kernel (roles and tile order at the top of the file). Barriers, all in shared memory:
+//   * full[s]: 1 + 32 arrivals, producer lane 0's expect_tx with the stage's TMA bytes and one
+//     cp.async.mbarrier.arrive.noinc per producer lane (every lane, every K block, whether it copied scales or not),
+//     so the phase completes only when A, B and the scales of the stage have all landed;
+//   * empty[s]: one arrival per consumer warp (with clusters, of both CTAs' consumer warps), once its wgmmas have
+//     read the stage and its scales are in registers (a warp without valid rows in the tile releases it unread);
+//   * out_full[wg] / out_empty[wg]: the staging buffer of consumer warpgroup wg, 128 arrivals (every consumer thread
+//     after its staging stores) / 32 arrivals (every store lane after its loads of the rows). The j-th use waits
+//     out_empty with parity (j & 1) ^ 1 and out_full with parity j & 1, as the stage ring does. The consumers and
+//     the store warp walk the same tile list and skip the same tiles (warpgroup without valid rows, or no tile for
+//     this CTA), so their counts j agree.
 template <int BN, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
                               const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
                               const __grid_constant__ CUtensorMap tma_bh,
                               const Params p) {
-  using P = Plan<BN, 2>;
+  using P = Plan<BN>;
   constexpr int kFullArrivals = 1 + 32;  // producer lane 0's expect_tx + one cp.async arrival per producer lane
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -875,21 +640,14 @@ CUtensorMap make_map(CUtensorMapDataType type, int rank, const void* ptr, const 
 // Per device (the attribute belongs to the function in each device's context): the dynamic shared-memory opt-in,
 // and for clusters how many 2-CTA clusters fit at once (GPCs with an odd SM count leave an SM out, so it can be less
 // than #SMs / 2; a persistent grid larger than that would run a second wave). 0 = not configured yet.
-// The kernel of a variant: kV = 2 (default) or 1 (DSV2_FP8_GEMM_KERNEL=v1).
-template <int BN, int kCluster, int kV>
-constexpr auto kernel_of() {
-  if constexpr (kV == 1) return grouped_contiguous_kernel_v1<BN, kCluster>;
-  else return grouped_contiguous_kernel<BN, kCluster>;
-}
-
-template <int BN, int kCluster, int kV>
+template <int BN, int kCluster>
 int configure(int device) {
-  using Pl = Plan<BN, kV>;
+  using Pl = Plan<BN>;
   static std::atomic<int> grid[64];  // one cache per instantiation
   const bool cached = device >= 0 && device < 64;
   int g = cached ? grid[device].load(std::memory_order_relaxed) : 0;
   if (g != 0) return g;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_of<BN, kCluster, kV>(),
+  C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN, kCluster>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Pl::kDynamic));
   const int sms = sm_count(device);
   g = sms;
@@ -906,7 +664,7 @@ int configure(int device) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel_of<BN, kCluster, kV>(), &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, grouped_contiguous_kernel<BN, kCluster>, &cfg) != cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
     }
@@ -919,14 +677,14 @@ int configure(int device) {
 
 // Launches the kernel as a programmatic dependent of the scan; with clusters the cluster dimension is a launch
 // attribute. Returns false (nothing queued) where a clustered launch is refused.
-template <int BN, int kCluster, int kV>
+template <int BN, int kCluster>
 bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& ma32, const CUtensorMap& mb,
             const CUtensorMap& mbh, const Params& p, int device, cudaStream_t stream) {
-  using Pl = Plan<BN, kV>;
-  const int grid = configure<BN, kCluster, kV>(device);
+  using Pl = Plan<BN>;
+  const int grid = configure<BN, kCluster>(device);
   if (grid <= 0) return false;
   if constexpr (kCluster == 1) {
-    launch_kernel(programmatic_launch_ok(stream, true), kernel_of<BN, 1, kV>(), dim3(grid), dim3(kThreads),
+    launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1>, dim3(grid), dim3(kThreads),
                   Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, p);
     return true;
   } else {
@@ -946,20 +704,12 @@ bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& m
     // PDL where allowed; if the runtime refuses the pair of attributes, the cluster alone.
     for (int n = programmatic_launch_ok(stream, true) ? 2 : 1; n >= 1; --n) {
       cfg.numAttrs = n;
-      if (cudaLaunchKernelEx(&cfg, kernel_of<BN, kCluster, kV>(), ma, ma64, ma32, mb, mbh, p) ==
-          cudaSuccess)
+      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, p) == cudaSuccess)
         return true;
       (void)cudaGetLastError();
     }
     return false;
   }
-}
-
-// DSV2_FP8_GEMM_KERNEL=v1: the previous kernel (scales from global memory in the K loop, st.global epilogue), for
-// A/B measurements in one build.
-bool use_v1() {
-  const char* v = std::getenv("DSV2_FP8_GEMM_KERNEL");
-  return v != nullptr && std::strcmp(v, "v1") == 0;
 }
 
 // DSV2_FP8_GEMM_CLUSTER=1: 2-CTA clusters sharing A by multicast (read at every call, so one process can A/B).
@@ -999,8 +749,8 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
                                  cudaStream_t stream) {
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(1), num_experts = b.size(0);
   if (num_experts > kMaxExperts) return false;
-  // v2's bulk row stores: 16-byte aligned rows and row lengths (N is a multiple of 128 wherever the weight scales
-  // are [E, N/128, K/128]; checked anyway, nothing is queued before this point).
+  // The store warps' 16-byte row stores need 16-byte aligned rows and row lengths (N is a multiple of 128 wherever
+  // the weight scales are [E, N/128, K/128]; checked anyway, nothing is queued before this point).
   if (n % 8 != 0 || reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) return false;
   const int bn = pick_block_n(n);
   // Tiles are counted in int on the device: at most (R / 128 + E) m-blocks times ceil(N / BN) n-blocks.
@@ -1058,19 +808,14 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
   p.n_tiles = static_cast<int>((n + bn - 1) / bn);
   p.pair_m = cluster ? pick_pair_m(rows, num_experts) : 0;
   const int device = a.get_device();
-  auto run = [&](auto v) {
-    constexpr int kV = decltype(v)::value;
-    bool done = false;
-    if (cluster)
-      done = bn == 192 ? launch<192, 2, kV>(ma, ma64, ma32, mb, mbh, p, device, stream)
-                       : launch<128, 2, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
-    if (!done) {
-      if (bn == 192) launch<192, 1, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
-      else launch<128, 1, kV>(ma, ma64, ma32, mb, mbh, p, device, stream);
-    }
-  };
-  if (use_v1()) run(std::integral_constant<int, 1>{});
-  else run(std::integral_constant<int, 2>{});
+  bool done = false;
+  if (cluster)
+    done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, p, device, stream)
+                     : launch<128, 2>(ma, ma64, ma32, mb, mbh, p, device, stream);
+  if (!done) {
+    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    else launch<128, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
