@@ -613,8 +613,11 @@ def test_kernel_fp8_gemm_cuda_graph():
 @requires_cuda_kernel("fp8_grouped_gemm_contiguous")
 @pytest.mark.parametrize("sizes", [[128, 0, 256, 128], [0, 0, 0, 128], [384] * 8, [128] * 64])
 @pytest.mark.parametrize("column_major", [False, True])
-def test_kernel_grouped_gemm_contiguous(sizes, column_major):
+@pytest.mark.parametrize("impl", ["default", "cutlass"])
+def test_kernel_grouped_gemm_contiguous(sizes, column_major, impl, monkeypatch):
     """Segments as the dispatch lays them out: each expert's rows contiguous, padded to a multiple of 128 with -1."""
+    if impl == "cutlass":  # the CUTLASS kernel, which our own kernel replaced as the default
+        monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "cutlass")
     n, k = 2816, 2048
     e = len(sizes)
     g = torch.Generator().manual_seed(sum(sizes))
@@ -630,6 +633,51 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major):
     valid = row_expert >= 0
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     _assert_gemm_close(got[valid], want[valid], f"grouped contiguous {sizes}")
+
+
+@pytest.mark.gpu
+@requires_cuda_kernel("fp8_grouped_gemm_contiguous")
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "ours-192",
+        "ours-128",
+        "ours-192-cluster",  # pairing picked by R / E: m-block pairs for all but the one-expert case
+        "ours-128-cluster",
+        "ours-192-cluster-pairn",  # n-block pairs forced (V2-Lite's pairing)
+        "ours-128-cluster-pairn",
+    ],
+)
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([100, 37, 300, 5], 640, 256),  # segments at unaligned rows, last tile past R; 5 n-tiles of 128 (odd)
+        ([1, 0, 65, 64, 129, 200], 384, 128),  # 64-row tails around the boundary; 1 K block; 2 / 3 n-tiles
+        ([130, 0, 250], 2816, 1408),  # V2-Lite down-like K, N 15 x 192 (odd: leftover units in cluster mode)
+        ([1000], 128, 384),  # one expert (b expert stride fallback), one n-tile (cluster rank 1 mostly idle)
+    ],
+)
+def test_kernel_grouped_gemm_contiguous_own(sizes, n, k, impl, monkeypatch):
+    """Our sm_90a kernel (DSV2_FP8_GEMM_IMPL=ours) against the reference, for segments that start at any row and
+    shapes that exercise partial N tiles, 64-row tails and the cluster pairing; every variant forced by env var."""
+    parts = impl.split("-")
+    monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "ours")
+    monkeypatch.setenv("DSV2_FP8_GEMM_BN", parts[1])
+    monkeypatch.setenv("DSV2_FP8_GEMM_CLUSTER", "1" if "cluster" in parts else "0")
+    monkeypatch.setenv("DSV2_FP8_GEMM_PAIR", "n" if "pairn" in parts else "auto")
+    e = len(sizes)
+    g = torch.Generator().manual_seed(sum(sizes) + n)
+    row_expert = []
+    for ex, size in enumerate(sizes):
+        real = int(torch.randint(max(size - 127, 1), size + 1, (1,), generator=g)) if size else 0
+        row_expert += [ex] * real + [-1] * (size - real)
+    row_expert = torch.tensor(row_expert, dtype=torch.int32, device="cuda")
+    a, sa, b, sb = _cuda_gemm_inputs(row_expert.numel(), n, k, e + n, True, n_experts=e)
+    with dsv2_kernels.kernels("none"):
+        want = fp8.fp8_grouped_gemm_contiguous(a, sa, b, sb, row_expert)
+    got = fp8.fp8_grouped_gemm_contiguous(a, sa, b, sb, row_expert)
+    valid = row_expert >= 0
+    _assert_gemm_close(got[valid], want[valid], f"grouped contiguous {impl} {sizes} n={n} k={k}")
 
 
 def _cuda_masked_inputs(e, max_m, n, k, column_major):

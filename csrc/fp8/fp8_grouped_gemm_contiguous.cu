@@ -2,60 +2,31 @@
 // each expert's rows one contiguous segment (valid rows first, then -1 padding up to a multiple of 128), experts in
 // any order, absent experts allowed.
 //
-// A scan kernel finds each expert's segment [first, last] on the GPU (no host sync, CUDA-graph safe): a row starts a
-// segment where its predecessor holds another value and ends one where its successor does; the starts and ends are
-// reduced with atomicMax into a zeroed scratch (first as R - first, so that 0 means "absent") and the starts counted.
-// The block that finishes last writes the grouped kernel's per-group arrays: group e covers rows [first_e, last_e],
-// trailing padding excluded, and a grouped kernel (128- or 64-row tiles, chosen below) runs over the E groups.
+// The expert segments are found on the GPU by contiguous_segments.cuh (no host sync, CUDA-graph safe); the scan's
+// last block writes the grouped kernel's per-group arrays: group e covers expert e's segment, trailing padding
+// excluded, and a grouped kernel (128- or 64-row tiles, chosen below) runs over the E groups.
 //
 // Rows with row_expert -1 (or out of range) are not written: their values are unspecified. An expert whose rows are
 // not one contiguous segment (not the dispatch's layout) is skipped entirely and its rows left unwritten, rather than
 // computing rows that belong to other experts.
+//
+// This CUTLASS kernel runs with DSV2_FP8_GEMM_IMPL=cutlass, or where our own kernel (fp8_grouped_gemm_contiguous_sm90.cu,
+// the default: same inputs and output) does not apply.
 
+#include "contiguous_segments.cuh"
 #include "gemm_common.cuh"
 
 namespace dsv2 {
 namespace fp8 {
 namespace {
 
-constexpr int kScanThreads = 256;
-
-// scratch: lo[E] (R - first row), hi[E] (last row + 1), starts[E], done (blocks finished); zeroed before the launch.
 __global__ void __launch_bounds__(kScanThreads)
     contiguous_groups_kernel(GroupArrays g, GroupCommon c, const int* __restrict__ row_expert, int rows,
                              int num_experts, int* scratch) {
-  int* lo = scratch;
-  int* hi = scratch + num_experts;
-  int* starts = scratch + 2 * num_experts;
-  unsigned* done = reinterpret_cast<unsigned*>(scratch + 3 * num_experts);
-
-  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
-    const int e = row_expert[r];
-    if (e < 0 || e >= num_experts) continue;
-    const int prev = r > 0 ? row_expert[r - 1] : -1;
-    const int next = r + 1 < rows ? row_expert[r + 1] : -1;
-    if (prev != e) {
-      atomicMax(&lo[e], rows - r);
-      atomicAdd(&starts[e], 1);
-    }
-    if (next != e) atomicMax(&hi[e], r + 1);
-  }
-
-  // The last block to finish sees every block's atomics (threadfence before the counter, L2 reads after).
-  __shared__ bool is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    const int first = rows - __ldcg(&lo[e]);
-    const bool one_segment = __ldcg(&starts[e]) == 1;
-    const int m = one_segment ? __ldcg(&hi[e]) - first : 0;
-    const int64_t row0 = m > 0 ? first : 0;
+  find_contiguous_segments(row_expert, rows, num_experts, scratch, [&](int e, int first, int m) {
+    const int64_t row0 = first;
     write_group(g, c, e, m, row0 * c.lda, row0, row0 * c.n);
-  }
+  });
 }
 
 }  // namespace
@@ -88,8 +59,9 @@ at::Tensor fp8_grouped_gemm_contiguous_cuda(const at::Tensor& a, const at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const at::Tensor a2 = tma_rows(a), b2 = tma_rows(b), sa = column_major_scales(a_scales);
+  if (use_own_grouped_gemm() && run_grouped_contiguous_sm90(a2, sa, b2, b_scales, row_expert, out, stream)) return out;
   const int e = static_cast<int>(num_experts), r = static_cast<int>(rows);
-  const size_t scratch_bytes = sizeof(int) * (3 * static_cast<size_t>(e) + 1);
+  const size_t scratch_bytes = sizeof(int) * segment_scratch_ints(e);
   at::Tensor meta =
       at::empty({static_cast<int64_t>(GroupArrays::bytes(e, scratch_bytes))}, a.options().dtype(at::kByte));
   int* scratch = static_cast<int*>(meta.data_ptr());

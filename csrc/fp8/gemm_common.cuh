@@ -17,6 +17,8 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace dsv2 {
 namespace fp8 {
@@ -138,6 +140,18 @@ void run_grouped_gemm(const GroupArrays& groups, int num_groups, const at::Tenso
                       const char* op);
 void run_grouped_gemm_64(const GroupArrays& groups, int num_groups, const at::Tensor& like, cudaStream_t stream,
                          const char* op);
+
+// Our own grouped-contiguous kernel (fp8_grouped_gemm_contiguous_sm90.cu), the default; DSV2_FP8_GEMM_IMPL=cutlass
+// runs CUTLASS's instead (read at every call, so one process can compare both): a [R, K] and b [E, N, K] TMA-ready (tma_rows), sa the
+// column-major scales (column_major_scales), out [R, N] bf16. Returns false, having queued nothing, where the kernel
+// does not apply (more experts than it keeps in shared memory); the caller then runs the CUTLASS kernel.
+inline bool use_own_grouped_gemm() {
+  const char* v = std::getenv("DSV2_FP8_GEMM_IMPL");
+  return v == nullptr || std::strcmp(v, "cutlass") != 0;
+}
+bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                 const at::Tensor& b_scales, const at::Tensor& row_expert, const at::Tensor& out,
+                                 cudaStream_t stream);
 
 // ---- host-side checks, worded like dsv2_kernels/fp8.py -----------------------------------------------------------
 inline void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& a) {

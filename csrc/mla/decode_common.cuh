@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../common/pdl.cuh"
+#include "../common/sm90.cuh"
 
 namespace dsv2 {
 namespace mla_decode {
@@ -111,9 +112,15 @@ constexpr int kNarrowMaxRows = 32;
 void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool programmatic, cudaStream_t stream);
 
 // ---- sm_90a primitives -------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+// The generic ones live in common/sm90.cuh. smem_desc: Q, K and P are read K-major, V MN-major ([tokens x dims],
+// 64-column blocks `lbo` bytes apart).
+using sm90::fence_proxy_async;
+using sm90::fence_regs;
+using sm90::smem_desc;
+using sm90::smem_u32;
+using sm90::wgmma_commit;
+using sm90::wgmma_fence;
+using sm90::wgmma_wait;
 
 // 16-byte global->shared copy; with ok == false nothing is read and the destination is zero-filled.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool ok) {
@@ -127,10 +134,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// Makes this thread's completed generic-proxy shared-memory writes (cp.async, st.shared) visible to the async proxy
-// (wgmma operand reads); a barrier must follow before another thread's wgmma reads them.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
@@ -168,28 +171,6 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4_pow2(uint32_t w) {
   lo = ((lo & 0x7FF87FF8u) >> 3) | (lo & 0x80008000u);
   hi = ((hi & 0x7FF87FF8u) >> 3) | (hi & 0x80008000u);
   return make_uint2(lo, hi);
-}
-
-// wgmma shared-memory descriptor of a 128-byte-swizzled operand. K-major (Q, K, P): 8-row groups 1024 bytes apart
-// (SBO), the leading offset unused. MN-major (V read as [tokens x dims] with dims contiguous): 64-column blocks `lbo`
-// bytes apart, 8-token groups 1024 bytes apart. A K step inside a 128-byte row advances the start address by 32 bytes.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Pins accumulator registers at this point of the program: the compiler may not move their reads or writes across
-// (wgmma writes them asynchronously, behind the compiler's back, until the wait).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory; scale_d == 0 overwrites D.

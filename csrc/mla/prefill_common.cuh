@@ -1,5 +1,5 @@
-// sm_90a primitives of the MLA prefill kernel (prefill_attention.cu) that the decode kernel does not use: mbarriers
-// (producer/consumer pipelines), named barriers, register reallocation between warpgroups, and the m64n128k16 wgmma
+// sm_90a primitives of the MLA prefill kernel (prefill_attention.cu) that the decode kernel does not use: the
+// mbarrier/named-barrier/setmaxnreg names (defined in common/sm90.cuh), cp.async arrivals, and the m64n128k16 wgmma
 // shapes (both operands from shared memory, or A from registers). The rest (cp.async, smem descriptors, wgmma
 // fence/commit/wait, exp2) comes from decode_common.cuh.
 #pragma once
@@ -22,56 +22,20 @@ using mla_decode::wgmma_commit;
 using mla_decode::wgmma_fence;
 using mla_decode::wgmma_wait;
 
-// ---- mbarriers (CTA scope) -----------------------------------------------------------------------------------------
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// One arrival (release semantics at CTA scope: this thread's earlier memory accesses, and the completion of its
-// earlier wgmma waits, happen before whoever observes the phase flip).
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
+// mbarriers, named barriers and register reallocation: common/sm90.cuh.
+using sm90::mbar_arrive;
+using sm90::mbar_init;
+using sm90::mbar_try_wait;
+using sm90::mbar_wait;
+using sm90::named_bar_arrive;
+using sm90::named_bar_sync;
+using sm90::setmaxnreg_dec;
+using sm90::setmaxnreg_inc;
+
 // An arrival that fires when every cp.async this thread issued so far has landed; it counts as one of the `count`
 // arrivals of the phase (.noinc).
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t ok;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(ok)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return ok != 0;
-}
-// Waits (acquire, CTA scope) until the phase of parity `parity` has completed: the k-th use of a barrier (k = 0, 1,
-// ...) waits with parity k & 1.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
-}
-
-// ---- named barriers (ids 1..15; 0 is __syncthreads) ----------------------------------------------------------------
-template <int kThreads>
-__device__ __forceinline__ void named_bar_sync(int id) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
-}
-template <int kThreads>
-__device__ __forceinline__ void named_bar_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
-}
-
-// ---- register reallocation between warpgroups (executed by every thread of a warpgroup) ---------------------------
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
 // Pins 32-bit registers (the bf16 P fragments a register-A wgmma reads asynchronously) at this point of the program.
