@@ -29,6 +29,10 @@ are drained (wait<0>): ~80% of the FP8 tensor rate is the practical top for this
     V2 (160 x ~154 valid rows) computes two 128-row tiles per expert for ~154 valid rows, capping the valid-row rate at
     ~60% of the tile rate: ~500-550 (gate_up) and ~450-550 (down). 16384 tokens: +5-10% (more tiles per group).
     Skewed routing: similar or slightly better (fewer, fuller tiles). torch row-wise: 673 / 258 / 568 / 200 (issue).
+    Since the fifth session the default grouped-contiguous kernel is our own (csrc/fp8/fp8_grouped_gemm_contiguous_sm90.cu:
+    scales copied into each stage, compile-time weight-scale split, 64-row tail tiles, store warps doing the
+    epilogue); predicted 820-920 / 720-860 / 560-680 / 540-660, measured 900-917 / 812-828 / 591-632 / 654-712 at
+    4096 tokens against CUTLASS's 825-833 / 695-735 / 562-570 / 573-610 (DSV2_FP8_GEMM_IMPL=cutlass runs it).
   * masked, 1-64 rows per expert: a weight stream with ~16-40 K blocks per tile; per-tile overhead (group switch:
     TMA descriptor update, epilogue) ~1-2 us against ~10 us of streaming at 25 GB/s per SM: ~2.6-3.1 TB/s of weights
     (62-74% of the copy ceiling), below the 3.3 TB/s bar; flat from 1 to 64 rows (the tile is 128 rows either way).
