@@ -31,11 +31,13 @@
 // Tiles: expert e's valid rows [first_e, first_e + m_e) form ceil(m_e / 128) m-blocks (padding rows are never
 // computed: whole padding blocks have no tile), times ceil(N / BN) n-blocks. Tile order: expert after expert; inside
 // an expert n-block major, m-block minor, so the CTAs running at the same time share each B tile (read from HBM once)
-// and the expert's few A blocks. CTA c takes tiles c, c + grid, ... A tile whose valid rows fit in 64 runs the
-// first consumer warpgroup only (the second waits the stages and releases them): the tail of an expert costs half a
-// tile of tensor time, 64-row granularity as CUTLASS's 64-row kernel gives, without a second kernel.
+// and the expert's few A blocks. CTA c takes tiles c, c + grid, ...
 //
-// Tail tiles (<= 64 valid rows) load 64 A rows (a second A tensor map with a 64-row box): fewer L2 bytes per FLOP.
+// Tail tiles (<= 64 valid rows, "half" tiles) load 64 A rows (a second A tensor map with a 64-row box) and split the
+// columns instead of the rows: both warpgroups multiply the same 64 rows, warpgroup w by columns w BN / 2 .. (wgmma N
+// = BN / 2). The tail of an expert then costs half a tile of tensor time with the promotions still hidden under the
+// other warpgroup's wgmmas; with the first warpgroup alone (the previous scheme) every promotion left the tensor core
+// idle, which cost V2's ~154-row experts (one half tile per expert and n-block) about a tenth of their time.
 //
 // DSV2_FP8_GEMM_CLUSTER=1 runs clusters of 2 CTAs that share a tile operand by multicast. It is off by default: on the
 // H200 it measured slower than the unclustered kernel. A cluster takes "units" of two tiles. N pairs
@@ -100,6 +102,41 @@ static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register 
 constexpr int kSmemLimit = 232448;        // 227 KB opt-in per block on sm_90
 
 // ---- FP8 wgmma shapes: D[64 x N] (+)= A[64 x 32] * B[32 x N], e4m3 inputs K-major in shared memory, fp32 D ----------
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                        int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+      " %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n96k32_e4m3(float (&d)[48], uint64_t desc_a, uint64_t desc_b,
+                                                        int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47},"
+      " %48, %49, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                          int scale_d) {
   asm volatile(
@@ -151,10 +188,13 @@ __device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t d
 }
 
 
-template <int BN>
-__device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  static_assert(BN == 128 || BN == 192, "instantiated N tiles: 128, 192");
-  if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
+// N = BN (a warpgroup's 64 rows of a full tile) or BN / 2 (its half of the columns of a <= 64-row tile).
+template <int N>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(N == 64 || N == 96 || N == 128 || N == 192, "instantiated wgmma N: 64, 96, 128, 192");
+  if constexpr (N == 64) wgmma_m64n64k32_e4m3(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 96) wgmma_m64n96k32_e4m3(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
   else wgmma_m64n192k32_e4m3(d, desc_a, desc_b, scale_d);
 }
 
@@ -163,8 +203,6 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], uint64_t desc_a, u
 // (up to) two weight scales, written by the producer warp with cp.async.
 template <int BN>
 struct Plan {
-  static constexpr int kAccum = BN / 2;             // fp32 registers of one m64nBN accumulator per thread
-  static constexpr int kGroups = BN / 8;            // 8-column groups of the accumulator fragment
   static constexpr int kABytes = kBM * kBK;         // 16 KB
   static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
   static constexpr int kStageTx = kABytes + kBBytes;  // TMA bytes per stage (boxes count whole)
@@ -380,20 +418,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     setmaxnreg_dec<kProducerRegs>();
     if (warp == kConsumerWarps + 1 || warp == kConsumerWarps + 2) {
       // Store warp 9 + w: the staged rows of consumer warpgroup w, tile after tile in the consumers' order, to global
-      // memory: 4 chunks of 16 bytes per lane in flight (loads first, then stores).
+      // memory: 4 chunks of 16 bytes per lane in flight (loads first, then stores). Full tile: rows 64 w .. of the
+      // tile, BN columns; half tile (<= 64 rows): rows 0.. and columns w BN / 2 .. (BN / 2 of them).
       const int w = warp - (kConsumerWarps + 1);
-      constexpr int kChunks = BN / 8;  // 16-byte chunks per row
       const uint8_t* src = smem + P::kOut + 64 * w * P::kOutPitch;
-      uint32_t uses = 0;
-      for (int t = first_unit; t < num_units; t += unit_stride) {
-        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-        const int rows = min(tile.rows - 64 * w, 64);
-        if (!tile.has_n || rows <= 0) continue;  // exactly the tiles where warpgroup w is not active
-        const int chunks = min(kChunks, (p.n - tile.n0) / 8);  // valid chunks of a row (N % 8 == 0)
-        const int total = rows * kChunks;  // chunks of the warpgroup's rows, those past N included
-        __nv_bfloat16* dst = p.out + static_cast<int64_t>(tile.row0 + 64 * w) * p.n + tile.n0;
-        mbar_wait(out_full(w), uses & 1);
-        // Lane l walks chunks l, l + 32, ... of the warpgroup's rows: (row r, chunk c), advanced incrementally.
+      // kChunks 16-byte chunks per staged row; `chunks` of them are inside N, `rows` rows are valid.
+      auto copy_rows = [&](auto chunks_per_row, __nv_bfloat16* dst, int rows, int chunks) {
+        constexpr int kChunks = decltype(chunks_per_row)::value;
+        const int total = rows * kChunks;  // chunks of the rows, those past N included
+        // Lane l walks chunks l, l + 32, ... of the rows: (row r, chunk c), advanced incrementally.
         int r = lane / kChunks, c = lane % kChunks;
         for (int i0 = 0; i0 < total; i0 += 4 * 32) {
           uint4 v[4];
@@ -415,6 +448,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int u = 0; u < 4; ++u)
             if (ok[u]) *reinterpret_cast<uint4*>(dst + off[u]) = v[u];
         }
+      };
+      uint32_t uses = 0;
+      for (int t = first_unit; t < num_units; t += unit_stride) {
+        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
+        if (!tile.has_n) continue;  // exactly the tiles where the consumers stage nothing
+        const bool half = tile.rows <= 64;
+        const int col0 = tile.n0 + (half ? w * (BN / 2) : 0);
+        const int rows = half ? tile.rows : min(tile.rows - 64 * w, 64);
+        __nv_bfloat16* dst = p.out + static_cast<int64_t>(tile.row0 + (half ? 0 : 64 * w)) * p.n + col0;
+        const int chunks = (p.n - col0) / 8;  // chunks inside N from col0 (N % 8 == 0; <= 0: none)
+        mbar_wait(out_full(w), uses & 1);
+        if (half) copy_rows(std::integral_constant<int, BN / 16>{}, dst, rows, min(BN / 16, chunks));
+        else copy_rows(std::integral_constant<int, BN / 8>{}, dst, rows, min(BN / 8, chunks));
         // Every lane releases its own loads: an elected arrival after __syncwarp is not ordered for racecheck
         // (the same finding as in the decode kernels).
         mbar_arrive(out_empty(w));
@@ -433,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     for (int t = first_unit; t < num_units; t += unit_stride) {
       const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-      // A tile whose valid rows fit in 64 loads only those 64 A rows (the second consumer warpgroup reads none).
+      // A tile whose valid rows fit in 64 loads only those 64 A rows (both consumer warpgroups read them).
       const bool half = tile.rows <= 64;
       // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
       // CTAs' multicasts; a CTA without a tile receives only the shared B.
@@ -507,12 +553,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* out_stage = smem + P::kOut;
   const float* s_sfa = reinterpret_cast<const float*>(smem + P::kSfa);
   const float* s_sfb = reinterpret_cast<const float*>(smem + P::kSfb);
-  float acc[P::kAccum], fin[P::kAccum];
   int stage = 0;
   uint32_t phase = 0, out_uses = 0;
   const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
   // Descriptor low words of stage 0: A (this warpgroup's 64 rows) and B; a stage is kABytes / kBBytes further.
-  const uint32_t da0 = desc_lo(base + P::kA + wg * 64 * 128), db0 = desc_lo(base + P::kB);
+  // A half tile's warpgroups both read A rows 0-63.
+  const uint32_t da0 = desc_lo(base + P::kA + wg * 64 * 128), da_half = desc_lo(base + P::kA);
+  const uint32_t db0 = desc_lo(base + P::kB);
   // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
   // producer writes the stage (this CTA's; with clusters also the peer's).
   auto release = [&](int s) {
@@ -526,43 +573,70 @@ __global__ void __launch_bounds__(kThreads, 1)
       phase ^= 1;
     }
   };
-  // The K loop of an active tile; kFormer = 8-column groups (from the left) whose weight scale is the first block's,
-  // the others use the second block's.
-  auto mainloop = [&](auto former) {
+  // The K loop and the epilogue of an active tile. kHalf: a tile of <= 64 valid rows, whose 64 A rows both
+  // warpgroups multiply, each by its half of the B columns (wgmma N = BN / 2), so that one warpgroup's promotion runs
+  // under the other's wgmmas; one warpgroup alone would leave the tensor core idle during every promotion. kFormer =
+  // 8-column groups (from the left of this warpgroup's columns) whose weight scale is the first block's; the others
+  // use the second block's. The accumulators are local to each instantiation, so the half tiles' smaller ones do not
+  // share registers with the full tiles'.
+  auto mainloop = [&](auto half, auto former) {
+    constexpr bool kHalf = decltype(half)::value;
+    constexpr int kN = kHalf ? BN / 2 : BN, kGroups = kN / 8;
     constexpr int kFormer = decltype(former)::value;
+    float d[kN / 2], f[kN / 2];  // the wgmmas' partial sums, the promoted sums
+    const int row = kHalf ? frag_row - 64 * wg : frag_row;
+    const uint32_t da_0 = kHalf ? da_half : da0, db_0 = kHalf ? db0 + ((wg * (BN / 2) * kBK) >> 4) : db0;
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) f[i] = 0.f;
     for (int kb = 0; kb < p.k_blocks; ++kb) {
       mbar_wait(full_bar(stage), phase);
-      const float sa_lo = s_sfa[stage * kBM + frag_row], sa_hi = s_sfa[stage * kBM + frag_row + 8];
+      const float sa_lo = s_sfa[stage * kBM + row], sa_hi = s_sfa[stage * kBM + row + 8];
       const float sb0 = s_sfb[stage * 4];
-      const float sb1 = kFormer < P::kGroups ? s_sfb[stage * 4 + 1] : sb0;
-      const uint32_t da = da0 + stage * (P::kABytes >> 4), db = db0 + stage * (P::kBBytes >> 4);
+      const float sb1 = kFormer < kGroups ? s_sfb[stage * 4 + 1] : sb0;
+      const uint32_t da = da_0 + stage * (P::kABytes >> 4), db = db_0 + stage * (P::kBBytes >> 4);
       wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<BN>(acc, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
+      for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<kN>(d, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
       wgmma_commit();
       float s[4] = {sa_lo * sb0, sa_hi * sb0, sa_lo * sb1, sa_hi * sb1};  // under the wgmmas
       wgmma_wait<0>();
-      fence_regs(acc);
+      fence_regs(d);
       fence_regs(s);   // the scale reads are complete before the release below
       release(stage);  // only registers from here
 #pragma unroll
-      for (int i = 0; i < P::kGroups; ++i) {  // column group 8i .. 8i + 7
+      for (int i = 0; i < kGroups; ++i) {  // column group 8i .. 8i + 7
         const float lo = i < kFormer ? s[0] : s[2], hi = i < kFormer ? s[1] : s[3];
-        fin[4 * i + 0] = fmaf(acc[4 * i + 0], lo, fin[4 * i + 0]);
-        fin[4 * i + 1] = fmaf(acc[4 * i + 1], lo, fin[4 * i + 1]);
-        fin[4 * i + 2] = fmaf(acc[4 * i + 2], hi, fin[4 * i + 2]);
-        fin[4 * i + 3] = fmaf(acc[4 * i + 3], hi, fin[4 * i + 3]);
+        f[4 * i + 0] = fmaf(d[4 * i + 0], lo, f[4 * i + 0]);
+        f[4 * i + 1] = fmaf(d[4 * i + 1], lo, f[4 * i + 1]);
+        f[4 * i + 2] = fmaf(d[4 * i + 2], hi, f[4 * i + 2]);
+        f[4 * i + 3] = fmaf(d[4 * i + 3], hi, f[4 * i + 3]);
       }
       advance();
     }
+
+    // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp ----
+    // Rows 64 wg .. of the tile, or (half tile) rows 0..63 and this warpgroup's BN / 2 columns: the same staged
+    // positions, the store warp knows which.
+    mbar_wait(out_empty(wg), (out_uses & 1) ^ 1);  // the store warp has read the previous tile's rows
+    uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
+    uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      *reinterpret_cast<__nv_bfloat162*>(r_lo + 16 * i) = __floats2bfloat162_rn(f[4 * i + 0], f[4 * i + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = __floats2bfloat162_rn(f[4 * i + 2], f[4 * i + 3]);
+    }
+    mbar_arrive(out_full(wg));  // every thread releases its own staging stores
+    ++out_uses;
   };
+  using std::integral_constant;
+  using Full = std::false_type;
+  using Half = std::true_type;
 
   for (int t = first_unit; t < num_units; t += unit_stride) {
     const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-    const bool active = tile.has_n && tile.rows > 64 * wg;
-    if (!active) {
-      // Rows of this warpgroup are beyond the expert's valid rows (or this CTA is idle): release every stage unread.
-      // Waiting for it first keeps this warp's arrivals in step with the stage's uses.
+    if (!tile.has_n) {
+      // This CTA has no tile in its cluster unit: release every stage unread. Waiting for it first keeps this warp's
+      // arrivals in step with the stage's uses.
       for (int kb = 0; kb < p.k_blocks; ++kb) {
         mbar_wait(full_bar(stage), phase);
         release(stage);
@@ -570,33 +644,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       continue;
     }
-#pragma unroll
-    for (int i = 0; i < P::kAccum; ++i) fin[i] = 0.f;
+    const bool half = tile.rows <= 64;
     // First column of the second weight-scale block inside the tile: n0 is a multiple of 64 (BN 192) or 128, so
-    // 128 - n0 % 128 is 128 (BN 128: no second block) or, for BN 192, 128 or 64.
+    // 128 - n0 % 128 is 128 (BN 128: no second block) or, for BN 192, 128 or 64. A half tile's warpgroup 1 starts at
+    // column 96 (BN 192) or 64 (BN 128).
     if constexpr (BN % kBlock == 0) {
-      mainloop(std::integral_constant<int, P::kGroups>{});
+      if (half) mainloop(Half{}, integral_constant<int, BN / 16>{});
+      else mainloop(Full{}, integral_constant<int, BN / 8>{});
     } else {
       static_assert(BN == 192, "split points of BN 192 only");
-      if (tile.n0 % kBlock == 0) mainloop(std::integral_constant<int, 16>{});
-      else mainloop(std::integral_constant<int, 8>{});
-    }
-
-    // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp ----
-    mbar_wait(out_empty(wg), (out_uses & 1) ^ 1);  // the store warp has read the previous tile's rows
-    {
-      uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
-      uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
-#pragma unroll
-      for (int i = 0; i < P::kGroups; ++i) {
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(fin[4 * i + 0], fin[4 * i + 1]);
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(fin[4 * i + 2], fin[4 * i + 3]);
-        *reinterpret_cast<__nv_bfloat162*>(r_lo + 16 * i) = lo;
-        *reinterpret_cast<__nv_bfloat162*>(r_hi + 16 * i) = hi;
+      const bool at128 = tile.n0 % kBlock == 0;  // else the second block starts at tile column 64
+      if (!half) {
+        if (at128) mainloop(Full{}, integral_constant<int, 16>{});
+        else mainloop(Full{}, integral_constant<int, 8>{});
+      } else if (wg == 0) {  // columns 0-95
+        if (at128) mainloop(Half{}, integral_constant<int, 12>{});
+        else mainloop(Half{}, integral_constant<int, 8>{});
+      } else {  // columns 96-191
+        if (at128) mainloop(Half{}, integral_constant<int, 4>{});
+        else mainloop(Half{}, integral_constant<int, 0>{});
       }
     }
-    mbar_arrive(out_full(wg));  // every thread releases its own staging stores
-    ++out_uses;
+
   }
 }
 
