@@ -642,6 +642,8 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major, impl, monkeypatch):
     [
         "ours-192",
         "ours-128",
+        "ours-192-twon",  # tail tiles over n-block pairs (the default where experts average <= 2 m-blocks)
+        "ours-128-twon",
         "ours-192-cluster",  # pairing picked by R / E: m-block pairs for all but the one-expert case
         "ours-128-cluster",
         "ours-192-cluster-pairn",  # n-block pairs forced (V2-Lite's pairing)
@@ -659,10 +661,12 @@ def test_kernel_grouped_gemm_contiguous(sizes, column_major, impl, monkeypatch):
 )
 def test_kernel_grouped_gemm_contiguous_own(sizes, n, k, impl, monkeypatch):
     """Our sm_90a kernel (DSV2_FP8_GEMM_IMPL=ours) against the reference, for segments that start at any row and
-    shapes that exercise partial N tiles, 64-row tails and the cluster pairing; every variant forced by env var."""
+    shapes that exercise partial N tiles, 64-row tails (alone, and paired over two n-blocks with an odd n-block count's
+    last one alone) and the cluster pairing; every variant forced by env var."""
     parts = impl.split("-")
     monkeypatch.setenv("DSV2_FP8_GEMM_IMPL", "ours")
     monkeypatch.setenv("DSV2_FP8_GEMM_BN", parts[1])
+    monkeypatch.setenv("DSV2_FP8_GEMM_TWON", "1" if "twon" in parts else "0")
     monkeypatch.setenv("DSV2_FP8_GEMM_CLUSTER", "1" if "cluster" in parts else "0")
     monkeypatch.setenv("DSV2_FP8_GEMM_PAIR", "n" if "pairn" in parts else "auto")
     e = len(sizes)

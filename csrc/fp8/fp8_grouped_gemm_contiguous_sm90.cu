@@ -6,7 +6,7 @@
 // One persistent CTA per SM, 384 threads:
 //   * warp 8 is the producer. For each K block of each tile of this CTA it fills one stage of a ring of kStages: lane
 //     0 issues the TMA loads of A (128 x 128 e4m3) and B (BN x 128 e4m3), both 128-byte swizzled, and all 32 lanes
-//     cp.async the tile's 128 activation scales of that K block (lanes 0 / 1 also its one or two weight scales) into
+//     cp.async the tile's 128 activation scales of that K block (lanes 0-3 also its up to four weight scales) into
 //     the same stage. The consumers thus find their scales in shared memory once the stage is full, kStages K blocks
 //     ahead of use, and never wait on a global load inside the K loop. The scales travel by cp.async rather than as a
 //     third TMA box because an fp32 scale map with a 128 x 1 box raised "illegal instruction" on the H200.
@@ -35,9 +35,14 @@
 //
 // Tail tiles (<= 64 valid rows, "half" tiles) load 64 A rows (a second A tensor map with a 64-row box) and split the
 // columns instead of the rows: both warpgroups multiply the same 64 rows, warpgroup w by columns w BN / 2 .. (wgmma N
-// = BN / 2). The tail of an expert then costs half a tile of tensor time with the promotions still hidden under the
-// other warpgroup's wgmmas; with the first warpgroup alone (the previous scheme) every promotion left the tensor core
-// idle, which cost V2's ~154-row experts (one half tile per expert and n-block) about a tenth of their time.
+// = BN / 2), so the promotions stay hidden under the other warpgroup's wgmmas.
+//
+// Tail pairs (the kTwoN kernel, chosen where experts average at most 2 m-blocks, e.g. V2 at 4096 tokens, whose
+// ~154-row experts are one full m-block and a ~26-row tail): a half tile does half a full tile's tensor work per K
+// block, runs ahead of the full tile that reads the same B tile, and the later reader misses L2 (V2 gate_up read its
+// weights from DRAM twice, the kernel DRAM-bound). There, an expert's tail is computed over two n-blocks at once
+// (warpgroup w: n-block nb + w, B of both in the stage), a full tile's work, and ordered right after the two n-blocks'
+// full tiles: the CTAs reading one B tile start together and keep the same pace.
 //
 // DSV2_FP8_GEMM_CLUSTER=1 runs clusters of 2 CTAs that share a tile operand by multicast. It is off by default: on the
 // H200 it measured slower than the unclustered kernel. A cluster takes "units" of two tiles. N pairs
@@ -199,25 +204,27 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[N / 2], uint64_t desc_a, ui
 }
 
 // Shared-memory plan of one BN (offsets from a 1024-byte aligned base: the 128-byte swizzle is computed from address
-// bits, so every swizzled tile starts 1024-aligned). Each stage also holds the tile's 128 activation scales and its
-// (up to) two weight scales, written by the producer warp with cp.async.
-template <int BN>
+// bits, so every swizzled tile starts 1024-aligned). A stage holds A at its start and B after it: after the 128 A rows
+// of a full (or half) tile, or, with kTwoN, after the 64 A rows of a tail tile, followed by the second n-block's B.
+// Each stage also holds the tile's activation scales and its (up to four) weight scales, written by the producer warp
+// with cp.async.
+template <int BN, bool kTwoN>
 struct Plan {
   static constexpr int kABytes = kBM * kBK;         // 16 KB
   static constexpr int kBBytes = BN * kBK;          // 16 / 24 KB
-  static constexpr int kStageTx = kABytes + kBBytes;  // TMA bytes per stage (boxes count whole)
+  static constexpr int kTailB = kABytes / 2;        // B's offset in a tail tile's stage (after 64 A rows)
+  static constexpr int kStageBytes =
+      kTwoN && kTailB + 2 * kBBytes > kABytes + kBBytes ? kTailB + 2 * kBBytes : kABytes + kBBytes;
   static constexpr int kSfaBytes = kBM * 4;         // a_scale of each tile row
-  static constexpr int kSfbBytes = 16;              // b_scale of the first / second column block (+ pad)
+  static constexpr int kSfbBytes = 16;              // b_scale of up to four column blocks
   static constexpr int kOutPitch = BN * 2 + 16;     // staged bf16 row: +16 bytes keeps the fragment stores
                                                     // conflict-free (rows 4 banks apart) and rows 16-byte aligned
   static constexpr int kOutBytes = kBM * kOutPitch;
   static constexpr int kSegBytes = (3 * kMaxExperts + 1) * 4;  // first[E], m[E], unit prefix[E + 1]
   static constexpr int kFixed = kOutBytes + kSegBytes + 256;    // + mbarriers
-  static constexpr int kPerStage = kStageTx + kSfaBytes + kSfbBytes;
+  static constexpr int kPerStage = kStageBytes + kSfaBytes + kSfbBytes;
   static constexpr int kStages = (kSmemLimit - 1024 - kFixed) / kPerStage > 6 ? 6 : (kSmemLimit - 1024 - kFixed) / kPerStage;
-  static constexpr int kA = 0;
-  static constexpr int kB = kA + kStages * kABytes;
-  static constexpr int kOut = kB + kStages * kBBytes;
+  static constexpr int kOut = kStages * kStageBytes;  // stage s at s * kStageBytes
   static constexpr int kSfa = kOut + kOutBytes;     // [kStages][128] fp32
   static constexpr int kSfb = kSfa + kStages * kSfaBytes;  // [kStages][4] fp32
   static constexpr int kSeg = kSfb + kStages * kSfbBytes;
@@ -225,7 +232,7 @@ struct Plan {
                                                                // out_empty[2]
   static constexpr int kBytes = kBar + (2 * kStages + 4) * 8;
   static constexpr int kDynamic = kBytes + 1024;    // + alignment slack of the dynamic shared-memory base
-  static_assert(kBBytes % 1024 == 0 && kStages >= 3, "stage plan");
+  static_assert(kBBytes % 1024 == 0 && kStageBytes % 1024 == 0 && kStages >= 3, "stage plan");
   static_assert(kOutPitch % 16 == 0, "staged rows are read with 16-byte loads");
   static_assert(kDynamic <= kSmemLimit, "shared memory");
 };
@@ -240,11 +247,16 @@ struct Params {
   int pair_m;               // clusters only: units are m-block pairs sharing B (1) or n-block pairs sharing A (0)
 };
 
+// A tile's kind. kFullTile: up to 128 rows, warpgroup w rows 64 w.., all BN columns. kHalfTile: <= 64 rows (an
+// expert's tail), both warpgroups on the same rows, warpgroup w columns w BN / 2... kTailPair: an expert's tail
+// (<= 64 rows) over two n-blocks, warpgroup w the n-block nb + w (kTwoN kernels only).
+enum TileKind { kFullTile, kHalfTile, kTailPair };
+
 // One output tile of this CTA: expert e, rows [row0, row0 + rows) of a and out (rows <= 128 valid), columns [n0, n0 +
 // BN). has_n: this CTA computes it (false only for rank 1's idle half of a cluster unit); share_a / share_b: the
 // cluster's two tiles have the same A / B tile, each CTA loads half of it for both.
 struct Tile {
-  int e, row0, rows, n0;
+  int e, row0, rows, n0, kind;
   bool has_n, share_a, share_b;
 };
 
@@ -252,16 +264,22 @@ struct Tile {
 // each m-block plus, for an odd n-block count, the last n-block's m-blocks two by two.
 // pair_m (2-CTA clusters, Params::pair_m): every unit is a pair of m-blocks 2i, 2i + 1 of one n-block sharing the B
 // tile (an odd m-block count leaves rank 1 idle on the last pair), instead of n-block pairs sharing A.
-template <int kCluster>
-__device__ __forceinline__ int expert_units(int blocks, int n_tiles, int pair_m) {
-  if constexpr (kCluster == 1) return blocks * n_tiles;
+// kTwoN (no clusters): an expert whose last m-block has <= 64 rows (a tail) has its other m-blocks' tiles plus one
+// tail tile per pair of n-blocks (and a kHalf tail tile for the last n-block of an odd count).
+template <int kCluster, bool kTwoN>
+__device__ __forceinline__ int expert_units(int m, int n_tiles, int pair_m) {
+  const int blocks = (m + kBM - 1) / kBM;
+  if constexpr (kTwoN) {
+    const int tail = m > 0 && m - (blocks - 1) * kBM <= 64 ? 1 : 0;
+    return (blocks - tail) * n_tiles + tail * ((n_tiles + 1) >> 1);
+  } else if constexpr (kCluster == 1) return blocks * n_tiles;
   else if (pair_m) return n_tiles * ((blocks + 1) >> 1);
   else return blocks * (n_tiles >> 1) + ((n_tiles & 1) ? (blocks + 1) >> 1 : 0);
 }
 
 // Unit t of the order described at the top, as seen by cluster rank `rank`. s_unit[e] = units of the experts before
 // e (s_unit[kMaxExperts] = all).
-template <int BN, int kCluster>
+template <int BN, int kCluster, bool kTwoN>
 __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first, const int* s_m, const int* s_unit,
                                             int n_tiles, int pair_m) {
   int lo = 0, hi = kMaxExperts - 1;  // first e with s_unit[e + 1] > t (experts without rows are never picked)
@@ -276,7 +294,24 @@ __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first,
   int mb, nb;
   tile.has_n = true;
   tile.share_a = tile.share_b = false;
-  if constexpr (kCluster == 1) {
+  tile.kind = kFullTile;
+  if constexpr (kTwoN) {
+    // Per pair j of n-blocks (2j, 2j + 1): the full m-blocks of n-block 2j, those of 2j + 1, then the tail tile of
+    // both; so the tiles that read one B tile are consecutive units, run by CTAs at the same time, and all of them do
+    // a full tile's tensor work per K block: they stay in step, and the second reader of B finds it in L2.
+    const int tail = s_m[lo] - (blocks - 1) * kBM <= 64 ? 1 : 0;
+    const int full = blocks - tail;
+    const int j = local / (2 * full + tail), r = local - j * (2 * full + tail);
+    const int nbs = min(2, n_tiles - 2 * j);  // n-blocks in this pair (1 for the last of an odd count)
+    if (r < nbs * full) {
+      nb = 2 * j + r / full;
+      mb = r % full;
+    } else {
+      nb = 2 * j;
+      mb = full;
+      tile.kind = nbs == 2 ? kTailPair : kHalfTile;
+    }
+  } else if constexpr (kCluster == 1) {
     nb = local / blocks;  // n-block major, m-block minor
     mb = local - nb * blocks;
   } else if (pair_m) {
@@ -305,6 +340,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int rank, const int* s_first,
   tile.row0 = s_first[lo] + mb * kBM;
   tile.rows = min(kBM, s_m[lo] - mb * kBM);
   tile.n0 = nb * BN;
+  if (tile.rows <= 64 && tile.kind == kFullTile) tile.kind = kHalfTile;
   return tile;
 }
 
@@ -337,13 +373,14 @@ __device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
 //     out_empty with parity (j & 1) ^ 1 and out_full with parity j & 1, as the stage ring does. The consumers and
 //     the store warp walk the same tile list and skip the same tiles (warpgroup without valid rows, or no tile for
 //     this CTA), so their counts j agree.
-template <int BN, int kCluster>
+template <int BN, int kCluster, bool kTwoN>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_contiguous_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_a64,
                               const __grid_constant__ CUtensorMap tma_a32, const __grid_constant__ CUtensorMap tma_b,
                               const __grid_constant__ CUtensorMap tma_bh,
                               const Params p) {
-  using P = Plan<BN>;
+  static_assert(!(kTwoN && kCluster > 1), "tail pairs run without clusters");
+  using P = Plan<BN, kTwoN>;
   constexpr int kFullArrivals = 1 + 32;  // producer lane 0's expect_tx + one cp.async arrival per producer lane
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -388,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int blocks[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      blocks[j] = expert_units<kCluster>((s_m[8 * lane + j] + kBM - 1) / kBM, p.n_tiles, p.pair_m);
+      blocks[j] = expert_units<kCluster, kTwoN>(s_m[8 * lane + j], p.n_tiles, p.pair_m);
       sum += blocks[j];
     }
     int incl = sum;
@@ -419,7 +456,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == kConsumerWarps + 1 || warp == kConsumerWarps + 2) {
       // Store warp 9 + w: the staged rows of consumer warpgroup w, tile after tile in the consumers' order, to global
       // memory: 4 chunks of 16 bytes per lane in flight (loads first, then stores). Full tile: rows 64 w .. of the
-      // tile, BN columns; half tile (<= 64 rows): rows 0.. and columns w BN / 2 .. (BN / 2 of them).
+      // tile, BN columns; half tile (<= 64 rows): rows 0.. and columns w BN / 2 .. (BN / 2 of them); tail pair:
+      // rows 0.. and columns w BN .. (BN of them).
       const int w = warp - (kConsumerWarps + 1);
       const uint8_t* src = smem + P::kOut + 64 * w * P::kOutPitch;
       // kChunks 16-byte chunks per staged row; `chunks` of them are inside N, `rows` rows are valid.
@@ -451,12 +489,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       uint32_t uses = 0;
       for (int t = first_unit; t < num_units; t += unit_stride) {
-        const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
+        const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
         if (!tile.has_n) continue;  // exactly the tiles where the consumers stage nothing
-        const bool half = tile.rows <= 64;
-        const int col0 = tile.n0 + (half ? w * (BN / 2) : 0);
-        const int rows = half ? tile.rows : min(tile.rows - 64 * w, 64);
-        __nv_bfloat16* dst = p.out + static_cast<int64_t>(tile.row0 + (half ? 0 : 64 * w)) * p.n + col0;
+        const bool half = tile.kind == kHalfTile, full = tile.kind == kFullTile;
+        const int col0 = tile.n0 + (half ? w * (BN / 2) : full ? 0 : w * BN);
+        const int rows = full ? min(tile.rows - 64 * w, 64) : tile.rows;
+        __nv_bfloat16* dst = p.out + static_cast<int64_t>(tile.row0 + (full ? 64 * w : 0)) * p.n + col0;
         const int chunks = (p.n - col0) / 8;  // chunks inside N from col0 (N % 8 == 0; <= 0: none)
         mbar_wait(out_full(w), uses & 1);
         if (half) copy_rows(std::integral_constant<int, BN / 16>{}, dst, rows, min(BN / 16, chunks));
@@ -478,21 +516,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     for (int t = first_unit; t < num_units; t += unit_stride) {
-      const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
-      // A tile whose valid rows fit in 64 loads only those 64 A rows (both consumer warpgroups read them).
-      const bool half = tile.rows <= 64;
+      const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
+      // A tile whose valid rows fit in 64 loads only those 64 A rows (both consumer warpgroups read them); a tail
+      // pair loads them and two n-blocks of B.
+      const bool half = tile.rows <= 64, pair = tile.kind == kTailPair;
       // Bytes this CTA receives per stage (boxes count whole): its A rows, B and scales, shared halves from both
       // CTAs' multicasts; a CTA without a tile receives only the shared B.
       const uint32_t a_bytes = half ? P::kABytes / 2 : P::kABytes;
-      const uint32_t tx = P::kBBytes + (tile.has_n ? a_bytes : 0);
+      const uint32_t tx = P::kBBytes * (pair ? 2 : 1) + (tile.has_n ? a_bytes : 0);
       constexpr uint16_t kPair = (1u << kCluster) - 1;
       // Scales of this CTA's tile: lane l copies rows l, l + 32 (and l + 64, l + 96 of a full tile) of the
-      // column-major activation scales (rows past R, which are never stored, read row R - 1), lanes 0 / 1 the
-      // weight scales of the tile's first / second column block (clamped to a valid block past N, never stored).
+      // column-major activation scales (rows past R, which are never stored, read row R - 1), lane b < 4 the weight
+      // scale of the tile's column block b (clamped to a valid block past N, never stored): blocks 0 / 1 (BN 192:
+      // a tile can straddle two), 0..3 for a tail pair's 2 BN columns.
       const int sb_col = tile.n0 / kBlock;
-      const float* sfb_k = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks + sb_col) * p.k_blocks +
-                           (lane == 1 && sb_col + 1 < p.n_scale_blocks ? p.k_blocks : 0);
-      const bool copy_sfb = tile.has_n && (lane == 0 || (BN % kBlock != 0 && lane == 1));
+      const float* sfb_k = p.sfb + (static_cast<int64_t>(tile.e) * p.n_scale_blocks +
+                                    min(sb_col + (lane & 3), p.n_scale_blocks - 1)) * p.k_blocks;
+      const bool copy_sfb = tile.has_n && (lane == 0 || (BN % kBlock != 0 && lane == 1) || (pair && lane < 4));
       const int sfa_rows = half ? 2 : 4;  // x 32 rows
       int sfa_row[4];
 #pragma unroll
@@ -505,8 +545,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t full = full_bar(stage);
         if (lane == 0) {
           mbar_arrive_expect_tx(full, tx);
-          const uint32_t a_dst = base + P::kA + stage * P::kABytes;
-          const uint32_t b_dst = base + P::kB + stage * P::kBBytes;
+          const uint32_t a_dst = base + stage * P::kStageBytes;
+          const uint32_t b_dst = a_dst + (pair ? P::kTailB : P::kABytes);
           if (tile.share_a) {
             // Rank r: rows part * r .. part * r + part - 1 of the tile into both CTAs. A box starting past R (a tail
             // of <= 32 rows at the end of a) is moved back inside: it then fills rows that are never stored.
@@ -521,6 +561,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   min(tile.n0 + (BN / 2) * rank, p.n - 1), tile.e, kPair);
           } else {
             tma_load_3d(b_dst, &tma_b, full, kb * kBK, tile.n0, tile.e);
+            if (pair) tma_load_3d(b_dst + P::kBBytes, &tma_b, full, kb * kBK, tile.n0 + BN, tile.e);
           }
         }
         if (tile.has_n) {
@@ -556,10 +597,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int stage = 0;
   uint32_t phase = 0, out_uses = 0;
   const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
-  // Descriptor low words of stage 0: A (this warpgroup's 64 rows) and B; a stage is kABytes / kBBytes further.
-  // A half tile's warpgroups both read A rows 0-63.
-  const uint32_t da0 = desc_lo(base + P::kA + wg * 64 * 128), da_half = desc_lo(base + P::kA);
-  const uint32_t db0 = desc_lo(base + P::kB);
+  const uint32_t d_stage0 = desc_lo(base);  // descriptor low word of stage 0's start; a stage is kStageBytes further
   // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
   // producer writes the stage (this CTA's; with clusters also the peer's).
   auto release = [&](int s) {
@@ -573,27 +611,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       phase ^= 1;
     }
   };
-  // The K loop and the epilogue of an active tile. kHalf: a tile of <= 64 valid rows, whose 64 A rows both
-  // warpgroups multiply, each by its half of the B columns (wgmma N = BN / 2), so that one warpgroup's promotion runs
-  // under the other's wgmmas; one warpgroup alone would leave the tensor core idle during every promotion. kFormer =
-  // 8-column groups (from the left of this warpgroup's columns) whose weight scale is the first block's; the others
-  // use the second block's. The accumulators are local to each instantiation, so the half tiles' smaller ones do not
-  // share registers with the full tiles'.
-  auto mainloop = [&](auto half, auto former) {
-    constexpr bool kHalf = decltype(half)::value;
-    constexpr int kN = kHalf ? BN / 2 : BN, kGroups = kN / 8;
+  // The K loop and the epilogue of this warpgroup's part of an active tile: 64 rows x kN columns, A at byte a_off of
+  // each stage (its 64 rows), B at b_off (its kN columns), `row` the first of its fragment rows among the stage's
+  // activation scales, weight scales sbb and sbb + 1 of the stage's four: kFormer = 8-column groups (from the left)
+  // that use sbb, the others sbb + 1. The accumulators are local to each instantiation, so a half tile's smaller ones
+  // do not share registers with the full tiles'.
+  auto mainloop = [&](auto n, auto former, uint32_t a_off, uint32_t b_off, int row, int sbb) {
+    constexpr int kN = decltype(n)::value, kGroups = kN / 8;
     constexpr int kFormer = decltype(former)::value;
     float d[kN / 2], f[kN / 2];  // the wgmmas' partial sums, the promoted sums
-    const int row = kHalf ? frag_row - 64 * wg : frag_row;
-    const uint32_t da_0 = kHalf ? da_half : da0, db_0 = kHalf ? db0 + ((wg * (BN / 2) * kBK) >> 4) : db0;
+    const uint32_t da_0 = d_stage0 + (a_off >> 4), db_0 = d_stage0 + (b_off >> 4);
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) f[i] = 0.f;
     for (int kb = 0; kb < p.k_blocks; ++kb) {
       mbar_wait(full_bar(stage), phase);
       const float sa_lo = s_sfa[stage * kBM + row], sa_hi = s_sfa[stage * kBM + row + 8];
-      const float sb0 = s_sfb[stage * 4];
-      const float sb1 = kFormer < kGroups ? s_sfb[stage * 4 + 1] : sb0;
-      const uint32_t da = da_0 + stage * (P::kABytes >> 4), db = db_0 + stage * (P::kBBytes >> 4);
+      const float sb0 = s_sfb[stage * 4 + sbb];
+      const float sb1 = kFormer < kGroups ? s_sfb[stage * 4 + sbb + 1] : sb0;
+      const uint32_t da = da_0 + stage * (P::kStageBytes >> 4), db = db_0 + stage * (P::kStageBytes >> 4);
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<kN>(d, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
@@ -614,9 +649,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       advance();
     }
 
-    // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp ----
-    // Rows 64 wg .. of the tile, or (half tile) rows 0..63 and this warpgroup's BN / 2 columns: the same staged
-    // positions, the store warp knows which.
+    // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp (which knows the tile's
+    // kind, hence where the staged rows and columns go) ----
     mbar_wait(out_empty(wg), (out_uses & 1) ^ 1);  // the store warp has read the previous tile's rows
     uint8_t* r_lo = out_stage + frag_row * P::kOutPitch + 4 * (lane % 4);
     uint8_t* r_hi = r_lo + 8 * P::kOutPitch;
@@ -629,11 +663,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     ++out_uses;
   };
   using std::integral_constant;
-  using Full = std::false_type;
-  using Half = std::true_type;
+  using FullN = integral_constant<int, BN>;
+  using HalfN = integral_constant<int, BN / 2>;
+  const int row_wg = frag_row - 64 * wg;  // fragment row of a tile whose warpgroups share the 64 A rows
 
   for (int t = first_unit; t < num_units; t += unit_stride) {
-    const Tile tile = decode_tile<BN, kCluster>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
+    const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
     if (!tile.has_n) {
       // This CTA has no tile in its cluster unit: release every stage unread. Waiting for it first keeps this warp's
       // arrivals in step with the stage's uses.
@@ -644,28 +679,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       continue;
     }
-    const bool half = tile.rows <= 64;
-    // First column of the second weight-scale block inside the tile: n0 is a multiple of 64 (BN 192) or 128, so
-    // 128 - n0 % 128 is 128 (BN 128: no second block) or, for BN 192, 128 or 64. A half tile's warpgroup 1 starts at
-    // column 96 (BN 192) or 64 (BN 128).
-    if constexpr (BN % kBlock == 0) {
-      if (half) mainloop(Half{}, integral_constant<int, BN / 16>{});
-      else mainloop(Full{}, integral_constant<int, BN / 8>{});
+    // The weight-scale block changes at column 128 - c % 128 of a warpgroup whose columns start at c (a multiple of
+    // 64 with BN 192, of 128 with BN 128): no change inside 128 columns from a multiple of 128, else after 64.
+    if (tile.kind == kHalfTile) {  // both warpgroups: A rows 0-63, warpgroup w columns w BN / 2 ..
+      const uint32_t b_off = P::kABytes + wg * (BN / 2) * kBK;
+      if constexpr (BN % kBlock == 0) {
+        mainloop(HalfN{}, integral_constant<int, BN / 16>{}, 0, b_off, row_wg, 0);
+      } else {  // BN 192: columns 0-95 / 96-191 against a split at tile column 128 or 64
+        const bool at128 = tile.n0 % kBlock == 0;
+        if (wg == 0) {
+          if (at128) mainloop(HalfN{}, integral_constant<int, 12>{}, 0, b_off, row_wg, 0);
+          else mainloop(HalfN{}, integral_constant<int, 8>{}, 0, b_off, row_wg, 0);
+        } else {
+          if (at128) mainloop(HalfN{}, integral_constant<int, 4>{}, 0, b_off, row_wg, 0);
+          else mainloop(HalfN{}, integral_constant<int, 0>{}, 0, b_off, row_wg, 0);
+        }
+      }
     } else {
-      static_assert(BN == 192, "split points of BN 192 only");
-      const bool at128 = tile.n0 % kBlock == 0;  // else the second block starts at tile column 64
-      if (!half) {
-        if (at128) mainloop(Full{}, integral_constant<int, 16>{});
-        else mainloop(Full{}, integral_constant<int, 8>{});
-      } else if (wg == 0) {  // columns 0-95
-        if (at128) mainloop(Half{}, integral_constant<int, 12>{});
-        else mainloop(Half{}, integral_constant<int, 8>{});
-      } else {  // columns 96-191
-        if (at128) mainloop(Half{}, integral_constant<int, 4>{});
-        else mainloop(Half{}, integral_constant<int, 0>{});
+      // Full tile: warpgroup w rows 64 w.., B at kABytes. Tail pair: both warpgroups A rows 0-63, warpgroup w the
+      // n-block at columns n0 + w BN, its B at kTailB + w kBBytes and its weight scales from block (n0 + w BN) / 128.
+      const bool pair = tile.kind == kTailPair;
+      const int c0 = tile.n0 + (pair ? wg * BN : 0);
+      const uint32_t a_off = pair ? 0 : wg * 64 * kBK;
+      const uint32_t b_off = pair ? P::kTailB + wg * P::kBBytes : P::kABytes;
+      const int row = pair ? row_wg : frag_row, sbb = c0 / kBlock - tile.n0 / kBlock;
+      if constexpr (BN % kBlock == 0) {
+        mainloop(FullN{}, integral_constant<int, BN / 8>{}, a_off, b_off, row, sbb);
+      } else {
+        if (c0 % kBlock == 0) mainloop(FullN{}, integral_constant<int, 16>{}, a_off, b_off, row, sbb);
+        else mainloop(FullN{}, integral_constant<int, 8>{}, a_off, b_off, row, sbb);
       }
     }
-
   }
 }
 
@@ -709,14 +753,14 @@ CUtensorMap make_map(CUtensorMapDataType type, int rank, const void* ptr, const 
 // Per device (the attribute belongs to the function in each device's context): the dynamic shared-memory opt-in,
 // and for clusters how many 2-CTA clusters fit at once (GPCs with an odd SM count leave an SM out, so it can be less
 // than #SMs / 2; a persistent grid larger than that would run a second wave). 0 = not configured yet.
-template <int BN, int kCluster>
+template <int BN, int kCluster, bool kTwoN>
 int configure(int device) {
-  using Pl = Plan<BN>;
+  using Pl = Plan<BN, kTwoN>;
   static std::atomic<int> grid[64];  // one cache per instantiation
   const bool cached = device >= 0 && device < 64;
   int g = cached ? grid[device].load(std::memory_order_relaxed) : 0;
   if (g != 0) return g;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN, kCluster>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(grouped_contiguous_kernel<BN, kCluster, kTwoN>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Pl::kDynamic));
   const int sms = sm_count(device);
   g = sms;
@@ -733,7 +777,7 @@ int configure(int device) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, grouped_contiguous_kernel<BN, kCluster>, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, grouped_contiguous_kernel<BN, kCluster, kTwoN>, &cfg) != cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
     }
@@ -746,14 +790,14 @@ int configure(int device) {
 
 // Launches the kernel as a programmatic dependent of the scan; with clusters the cluster dimension is a launch
 // attribute. Returns false (nothing queued) where a clustered launch is refused.
-template <int BN, int kCluster>
+template <int BN, int kCluster, bool kTwoN = false>
 bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& ma32, const CUtensorMap& mb,
             const CUtensorMap& mbh, const Params& p, int device, cudaStream_t stream) {
-  using Pl = Plan<BN>;
-  const int grid = configure<BN, kCluster>(device);
+  using Pl = Plan<BN, kTwoN>;
+  const int grid = configure<BN, kCluster, kTwoN>(device);
   if (grid <= 0) return false;
   if constexpr (kCluster == 1) {
-    launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1>, dim3(grid), dim3(kThreads),
+    launch_kernel(programmatic_launch_ok(stream, true), grouped_contiguous_kernel<BN, 1, kTwoN>, dim3(grid), dim3(kThreads),
                   Pl::kDynamic, stream, ma, ma64, ma32, mb, mbh, p);
     return true;
   } else {
@@ -773,7 +817,7 @@ bool launch(const CUtensorMap& ma, const CUtensorMap& ma64, const CUtensorMap& m
     // PDL where allowed; if the runtime refuses the pair of attributes, the cluster alone.
     for (int n = programmatic_launch_ok(stream, true) ? 2 : 1; n >= 1; --n) {
       cfg.numAttrs = n;
-      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster>, ma, ma64, ma32, mb, mbh, p) == cudaSuccess)
+      if (cudaLaunchKernelEx(&cfg, grouped_contiguous_kernel<BN, kCluster, kTwoN>, ma, ma64, ma32, mb, mbh, p) == cudaSuccess)
         return true;
       (void)cudaGetLastError();
     }
@@ -797,6 +841,20 @@ int pick_pair_m(int64_t rows, int64_t experts) {
     if (std::strcmp(v, "n") == 0) return 0;
   }
   return rows <= 256 * experts ? 1 : 0;
+}
+
+// Tail pairs (kTwoN): where the experts average at most 2 m-blocks (R <= 256 E padded rows: V2 at 4096 tokens),
+// most experts end in a <= 64-row tail. Alone, a tail tile does half a full tile's tensor work per K block, so its
+// CTA runs ahead of the CTAs that read the same B tile for the expert's full m-block, and the second reader misses L2:
+// on V2 gate_up at 4096 tokens the weights came from DRAM about twice (4.75 GB read for 2.5 GB of weights, DRAM 79 %
+// busy, the limit). A tail tile over two n-blocks does a full tile's work and is scheduled next to the two full
+// tiles it shares B with. DSV2_FP8_GEMM_TWON=0|1 forces it off / on (for measurements and tests).
+bool use_two_n(int64_t rows, int64_t experts) {
+  if (const char* v = std::getenv("DSV2_FP8_GEMM_TWON")) {
+    if (std::strcmp(v, "0") == 0) return false;
+    if (std::strcmp(v, "1") == 0) return true;
+  }
+  return rows <= 256 * experts;
 }
 
 // N tile: DSV2_FP8_GEMM_BN=128|192 forces one (for measurements); otherwise 192, the larger tile (fewer L2 bytes per
@@ -882,8 +940,14 @@ bool run_grouped_contiguous_sm90(const at::Tensor& a, const at::Tensor& sa, cons
     done = bn == 192 ? launch<192, 2>(ma, ma64, ma32, mb, mbh, p, device, stream)
                      : launch<128, 2>(ma, ma64, ma32, mb, mbh, p, device, stream);
   if (!done) {
-    if (bn == 192) launch<192, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
-    else launch<128, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    const bool two_n = use_two_n(rows, num_experts);
+    if (bn == 192) {
+      if (two_n) launch<192, 1, true>(ma, ma64, ma32, mb, mbh, p, device, stream);
+      else launch<192, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    } else {
+      if (two_n) launch<128, 1, true>(ma, ma64, ma32, mb, mbh, p, device, stream);
+      else launch<128, 1>(ma, ma64, ma32, mb, mbh, p, device, stream);
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
