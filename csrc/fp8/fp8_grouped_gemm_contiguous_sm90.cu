@@ -366,8 +366,10 @@ __device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
 //   * full[s]: 1 + 32 arrivals, producer lane 0's expect_tx with the stage's TMA bytes and one
 //     cp.async.mbarrier.arrive.noinc per producer lane (every lane, every K block, whether it copied scales or not),
 //     so the phase completes only when A, B and the scales of the stage have all landed;
-//   * empty[s]: one arrival per consumer warp (with clusters, of both CTAs' consumer warps), once its wgmmas have
-//     read the stage and its scales are in registers (a warp without valid rows in the tile releases it unread);
+//   * empty[s]: one arrival per consumer thread, once its warpgroup's wgmmas have read the stage and its scales are
+//     in registers (a CTA without a tile in its cluster unit releases it unread), plus with clusters one per consumer
+//     warp of the peer CTA. Every thread arrives for its own scale reads: racecheck does not accept one elected
+//     arrival after __syncwarp as ordering the other lanes' reads before the producer's next cp.async into the stage;
 //   * out_full[wg] / out_empty[wg]: the staging buffer of consumer warpgroup wg, 128 arrivals (every consumer thread
 //     after its staging stores) / 32 arrivals (every store lane after its loads of the rows). The j-th use waits
 //     out_empty with parity (j & 1) ^ 1 and out_full with parity j & 1, as the stage ring does. The consumers and
@@ -397,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 256) {
     for (int s = 0; s < P::kStages; ++s) {
       mbar_init(full_bar(s), kFullArrivals);
-      mbar_init(empty_bar(s), kConsumerWarps * kCluster);  // with clusters: the peer's consumer warps too
+      mbar_init(empty_bar(s), 32 * kConsumerWarps + (kCluster - 1) * kConsumerWarps);  // + the peer's warps
     }
     for (int w = 0; w < 2; ++w) {
       mbar_init(out_full(w), 128);  // every thread of the warpgroup (its own staging stores)
@@ -598,12 +600,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t phase = 0, out_uses = 0;
   const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
   const uint32_t d_stage0 = desc_lo(base);  // descriptor low word of stage 0's start; a stage is kStageBytes further
-  // The stage's operands and scales are read: one arrival of this warp on the empty barrier of each CTA whose
-  // producer writes the stage (this CTA's; with clusters also the peer's).
+  // The stage's operands and scales are read: this thread's arrival on this CTA's empty barrier and, with clusters,
+  // one per warp on the peer's (whose producer's multicasts also write this stage).
   auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty_bar(s));
-    if (kCluster > 1 && lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
+    mbar_arrive(empty_bar(s));
+    if constexpr (kCluster > 1) {
+      __syncwarp();
+      if (lane == 1) mbar_arrive_cluster(empty_bar(s), peer);
+    }
   };
   auto advance = [&] {
     if (++stage == P::kStages) {
