@@ -460,33 +460,43 @@ struct NarrowFp8Smem {
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
 
-// Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero) into the swizzled Q block,
-// and each column's log2 softmax scale times 2^-e_c into qscale. By the 128 threads of the score warpgroup, 8 per row
-// (the layout of load_rows_bf16: 16-byte segment 8 k + sub of the row into column block k); the row max over the 8
-// threads by shuffles (consecutive lanes). Once per sequence; latency not hidden (a sequence is tens of tiles).
+// Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero), by the 128 threads of the
+// score warpgroup, 8 per row (the layout of load_rows_bf16: 16-byte segment 8 k + sub of the row into column block k)
+// in two steps: fetch_q_rows loads this thread's segments into registers (issued a tile ahead, during the previous
+// sequence's last tile, so that the load latency is not on the path), store_q_f16 scales and converts them into the
+// swizzled Q block and writes each column's log2 softmax scale times 2^-e_c into qscale.
 template <int kN>
-__device__ __forceinline__ void load_q_f16(const DecodeParams& p, uint32_t sq, float* qscale, int b) {
+__device__ __forceinline__ void fetch_q_rows(const DecodeParams& p, int b, uint4 (&v)[kN / 16][9]) {
   const int t = threadIdx.x & 127, sub = t & 7;
 #pragma unroll
   for (int it = 0; it < kN / 16; ++it) {
     const int row = (t >> 3) + 16 * it;
-    uint4 v[9];
     if (row < p.rows) {
       const int i = row / p.heads, h = row - i * p.heads;
       const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q + b * p.q_sb + i * p.q_ss + h * p.q_sh) + sub * 16;
 #pragma unroll
-      for (int k = 0; k < 9; ++k) v[k] = ld_stream_16(src + k * 128);
+      for (int k = 0; k < 9; ++k) v[it][k] = ld_stream_16(src + k * 128);
     } else {
 #pragma unroll
-      for (int k = 0; k < 9; ++k) v[k] = make_uint4(0, 0, 0, 0);
+      for (int k = 0; k < 9; ++k) v[it][k] = make_uint4(0, 0, 0, 0);
     }
-    // bf16 -> fp32 is the 16-bit pattern shifted up.
-    auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };
-    auto hi = [](uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); };
+  }
+}
+template <int kN>
+__device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (&v)[kN / 16][9], uint32_t sq,
+                                            float* qscale) {
+  const int t = threadIdx.x & 127, sub = t & 7;
+  // bf16 -> fp32 is the 16-bit pattern shifted up.
+  auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };
+  auto hi = [](uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); };
+#pragma unroll
+  for (int it = 0; it < kN / 16; ++it) {
+    const int row = (t >> 3) + 16 * it;
+    // Row max |q|: this thread's 72 values, then the row's 8 threads (consecutive lanes).
     float mx = 0.f;
 #pragma unroll
     for (int k = 0; k < 9; ++k) {
-      const uint32_t w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+      const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fmaxf(fabsf(lo(w[e])), fabsf(hi(w[e]))));
     }
@@ -504,7 +514,7 @@ __device__ __forceinline__ void load_q_f16(const DecodeParams& p, uint32_t sq, f
     const float up = __int_as_float((127 + e) << 23);
 #pragma unroll
     for (int k = 0; k < 9; ++k) {
-      const uint32_t w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+      const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
       uint32_t f[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) f[q] = pack_f16x2(lo(w[q]) * up, hi(w[q]) * up);
@@ -542,13 +552,15 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     qs[jj] = 0.f;
   }
   int sig_prev = 0;
+  uint4 qv[kN / 16][9];  // Q of the next sequence to start, in registers
+  fetch_q_rows<kN>(p, cur.b, qv);
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
     const int st = k & 1;
     if (first) {
       if (k > 0) named_bar_sync<128>(2);  // every warp's S^T of the previous sequence is done with Q and qscale
-      load_q_f16<kN>(p, sq, s_qscale, cur.b);
+      store_q_f16<kN>(p, qv, sq, s_qscale);
       fence_proxy_async();  // Q, for this warpgroup's wgmma
       named_bar_sync<128>(2);
 #pragma unroll
@@ -557,6 +569,11 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
         m[jj] = -INFINITY;
         l[jj] = 0.f;
       }
+    }
+    if (last && k + 1 < count) {  // the next sequence's Q, in flight during this tile
+      Cursor next = cur;
+      next.advance(p);
+      fetch_q_rows<kN>(p, next.b, qv);
     }
     mbar_wait(bar_full + 8 * st, (k >> 1) & 1);
     // {r, s_c} of this thread's two tokens (the stage's scale slot).
