@@ -436,11 +436,15 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     O sigma_last / l. f16 rounds P s_c / sigma_t to 2^-11 relative where the landed bf16 P rounds to 2^-8, down to
 //     2^-29 of the tile's largest s_c; below that (a token whose P s_c is 2^29 under the tile's largest scale) f16 is
 //     subnormal, an absolute error under 2^-40 max(s_c) |v| per token. So outputs are at least as precise as the bf16
-//     path's except for caches whose per-token scales within one tile differ by more than ~2^20 and whose small-scale
-//     tokens carry the output; the test with scales spanning 2^-20 .. 2^4 checks the tolerance there.
+//     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
+//     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
+//     tolerance there.
+// Raw ring: cp.async into 3 half-tile stages (default), or 3 rotating register sets (kRegRing,
+// DSV2_DECODE_FP8_PIPE=regs: no shared-memory round trip for the raw bytes); an A/B pair until measured.
 // kN = 32 stays on the landed kernel: the f16 double buffer (144 KB), Q (36 KB at kN = 32) and P^T leave no room for
-// a raw ring, and its value warpgroup would need 128 accumulator registers.
-constexpr int kRawHalves = 3;  // raw half-tile stages of the pipelined kernel: 1.5 tiles in flight
+// a raw ring in shared memory, and the value warpgroup would need 128 accumulator registers (with the register ring's
+// 114 in the same 168-register budget per thread).
+constexpr int kRawHalves = 3;  // raw half-tile stages (or register sets) of the pipelined kernel: 1.5 tiles
 
 // Shared memory plan (byte offsets from a 1024-aligned base): 2 f16 stages, f16 Q [kN x 576] (9 column blocks of
 // kN * 128 bytes), 2 P^T slots [kN x 64], 2 scale slots {r, s_c} per token, warpgroup 0's exchanges (column maxima
