@@ -134,12 +134,12 @@ def test_decode_narrow_shapes_both_kernels(batch, s_q, heads, lens, block_size, 
     _check(*inputs, what=f"{'wide' if wide else 'narrow'} lens={seqlens[:8]}")
 
 
-# FP8 at s_q * H <= 16 runs the pipelined kernel (f16 MMAs) with its cp.async raw ring by default;
-# DSV2_DECODE_FP8_PIPE=regs gives its register raw ring, =0 the single-stage path that N = 32 uses (A/B variants).
+# FP8 at s_q * H <= 16 runs the pipelined kernel (f16 MMAs) by default; DSV2_DECODE_FP8_PIPE=0 the one-stage kernel
+# that N = 32 uses (the A/B variant).
 PIPE = [(128, 1, 16, 4096, 64), (5, 3, 5, [7, 64, 65, 0, 300], 48), (2, 1, 16, [16384, 16384], 16)]
 
 
-@pytest.mark.parametrize("pipe", ["1", "regs", "0"], ids=["pipe-cpasync", "pipe-regs", "one-stage"])
+@pytest.mark.parametrize("pipe", ["1", "0"], ids=["pipelined", "one-stage"])
 @pytest.mark.parametrize("batch, s_q, heads, lens, block_size", PIPE,
                          ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-bs{c[4]}" for c in PIPE])
 def test_decode_fp8_narrow16_variants(batch, s_q, heads, lens, block_size, pipe, monkeypatch):

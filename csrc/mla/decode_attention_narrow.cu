@@ -439,18 +439,17 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
 //     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
 //     tolerance there.
-// Raw ring: cp.async into 3 half-tile stages (default), or 3 rotating register sets (kRegRing,
-// DSV2_DECODE_FP8_PIPE=regs: no shared-memory round trip for the raw bytes); an A/B pair until measured.
-// kN = 32 stays on the landed kernel: the f16 double buffer (144 KB), Q (36 KB at kN = 32) and P^T leave no room for
-// a raw ring in shared memory, and the value warpgroup would need 128 accumulator registers (with the register ring's
-// 114 in the same 168-register budget per thread).
+// Raw ring: cp.async into 3 half-tile stages (a variant loading into 3 rotating register sets instead measured
+// slower on the H200: 155 against 149 us at H = 16, s_k = 4096).
+// kN = 32 stays on the one-stage kernel: the f16 double buffer (144 KB), Q (36 KB at kN = 32) and P^T leave no room
+// for a raw ring in shared memory.
 constexpr int kRawHalves = 3;  // raw half-tile stages (or register sets) of the pipelined kernel: 1.5 tiles
 
 // Shared memory plan (byte offsets from a 1024-aligned base): 2 f16 stages, f16 Q [kN x 576] (9 column blocks of
 // kN * 128 bytes), 2 P^T slots [kN x 64], 2 scale slots {r, s_c} per token, warpgroup 0's exchanges (column maxima
 // and tile max s_c by tile parity, row sums), per slot alpha' and output factor per column, per column softmax scale,
 // 8 mbarriers, the raw ring.
-template <int kN, bool kRegRing = false>
+template <int kN>
 struct NarrowFp8Smem {
   static constexpr int kQBlock = kN * 128;
   static constexpr int kKV = 0, kQ = 2 * kTileBytes, kP = kQ + 9 * kQBlock, kScale = kP + 2 * kQBlock;
@@ -458,7 +457,7 @@ struct NarrowFp8Smem {
   static constexpr int kRedL = kRedSig + 2 * 4 * 4, kAlpha = kRedL + 4 * kN * 4, kOut = kAlpha + 2 * kN * 4;
   static constexpr int kQScale = kOut + 2 * kN * 4, kBar = kQScale + kN * 4;
   static constexpr int kRaw = (kBar + 8 * 8 + 127) / 128 * 128;
-  static constexpr int kBytes = kRaw + (kRegRing ? 0 : kRawHalves * kRawHalfBytes);
+  static constexpr int kBytes = kRaw + kRawHalves * kRawHalfBytes;
   static_assert(kQ % 1024 == 0 && kP % 1024 == 0 && kQBlock % 1024 == 0 && kBar % 8 == 0,
                 "swizzled blocks need 1024-byte alignment");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
@@ -793,9 +792,9 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
   }
 }
 
-template <int kN, bool kRegRing>
+template <int kN>
 __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_constant__ DecodeParams p) {
-  using L = NarrowFp8Smem<kN, kRegRing>;
+  using L = NarrowFp8Smem<kN>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
@@ -825,12 +824,8 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   // No setmaxnreg: 384 threads get 168 registers each, more than any role needs (the value warpgroup's O^T is 64).
   const int wg = threadIdx.x >> 7;
   if (wg == 2) {
-    if constexpr (kRegRing) {
-      fp8_producer_f16_regs<kRawHalves>(p, cur, count, base + L::kKV, base + L::kScale, bar_full, bar_empty);
-    } else {
-      fp8_producer_f16<kRawHalves>(p, cur, count, base + L::kRaw, base + L::kKV, base + L::kScale, bar_full,
-                                   bar_empty);
-    }
+    fp8_producer_f16<kRawHalves>(p, cur, count, base + L::kRaw, base + L::kKV, base + L::kScale, bar_full,
+                                 bar_empty);
   } else if (wg == 0) {
     narrow_fp8_scores<kN>(p, cur, count, sched.w, base, smem);
   } else {
@@ -838,23 +833,20 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   }
 }
 
-template <int kN, bool kRegRing>
+template <int kN>
 void launch_narrow_fp8(const DecodeParams& p, int parts, bool programmatic, cudaStream_t stream) {
-  constexpr int smem = NarrowFp8Smem<kN, kRegRing>::kBytes + kSmemSlack;
-  auto* kernel = decode_narrow_fp8_kernel<kN, kRegRing>;
+  constexpr int smem = NarrowFp8Smem<kN>::kBytes + kSmemSlack;
+  auto* kernel = decode_narrow_fp8_kernel<kN>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   launch_kernel(programmatic, kernel, dim3(parts), dim3(384), smem, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The pipelined e4m3 kernel runs s_q * H <= 16 unless DSV2_DECODE_FP8_PIPE=0 (A/B against the landed one);
-// DSV2_DECODE_FP8_PIPE=regs selects its register raw ring instead of the cp.async one (A/B: which of shared-memory
-// bandwidth and loads in flight limits it). Read per call: cheap next to a launch.
-int fp8_pipelined_mode() {
+// The pipelined e4m3 kernel runs s_q * H <= 16 unless DSV2_DECODE_FP8_PIPE=0 (A/B against the one-stage kernel).
+// Read per call: cheap next to a launch.
+bool fp8_pipelined() {
   const char* v = std::getenv("DSV2_DECODE_FP8_PIPE");
-  if (v == nullptr) return 1;
-  if (std::strcmp(v, "0") == 0) return 0;
-  return std::strcmp(v, "regs") == 0 ? 2 : 1;
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 }  // namespace
@@ -863,9 +855,7 @@ void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool progr
   TORCH_CHECK(p.rows >= 1 && p.rows <= kNarrowMaxRows, "decode_attention: narrow kernel needs s_q * H <= ",
               kNarrowMaxRows);
   if (p.rows <= 16) {
-    const int mode = fp8 ? fp8_pipelined_mode() : 0;
-    if (mode == 1) launch_narrow_fp8<16, false>(p, parts, programmatic, stream);
-    else if (mode == 2) launch_narrow_fp8<16, true>(p, parts, programmatic, stream);
+    if (fp8 && fp8_pipelined()) launch_narrow_fp8<16>(p, parts, programmatic, stream);
     else if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
     else launch_narrow<false, 16>(p, parts, programmatic, stream);
   } else {
