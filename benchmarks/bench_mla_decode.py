@@ -12,7 +12,8 @@ Kernels (see the file headers): H * s_q <= 32 runs the narrow kernel (csrc/mla/d
 transposed MMAs, S^T = K Q^T and O^T = V^T P^T with N = 16 or 32, so no padded query rows), the rest the 64-row
 kernel (csrc/mla/decode_attention.cu: warpgroup 0 Q K^T + softmax, both warpgroups P V, warpgroup 1 loading the next
 tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine are chained by programmatic launch.
-`DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs.
+`DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs. FP8 at H * s_q <= 16 runs the narrow file's pipelined
+kernel (f16 MMAs, producer / scores / values warpgroups); `DSV2_DECODE_FP8_PIPE=0` runs the landed one-stage path.
 
 Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tables and the misses):
 * Memory-bound bf16 (H * s_q <= 32): predicted 3.3-3.6 TB/s at s_k >= 4096 once the MMAs stop padding to 64 rows;
@@ -22,6 +23,8 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
 * H = 128 bf16: compute-bound; predicted 420-445 TFLOP/s with the pipelined loads, measured 464-480.
 * FP8 cache: half the bytes, but the e4m3 -> bf16 conversion and the narrow consumers are not yet overlapped well:
   predicted ~1.6x bf16 tokens/s, measured 0.91-0.95x (H=16), 0.83x (H=32); H = 128 FP8 ~325-360 TFLOP/s.
+  Pipelined FP8 kernel (H * s_q <= 16; notes/fp8p.md): predicted ~98 us at H=16 s_k=4096 (range 90-112, ~1.65x
+  bf16), limited by DRAM and shared-memory bandwidth together (~324 KB of smem traffic per tile); not yet measured.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """

@@ -86,7 +86,8 @@ def test_decode_grid(batch, s_q, heads, lens, block_size, fp8):
     _check(*inputs, what=f"lens={seqlens[:8]}")
 
 
-@pytest.mark.parametrize("heads", [16, 8], ids=["H16", "H8-narrow"])
+# H8 / H5 at s_q = 3: 24 / 15 query rows, the narrow kernel with N = 32 / 16 (FP8 at N = 16: the pipelined kernel).
+@pytest.mark.parametrize("heads", [16, 8, 5], ids=["H16", "H8-narrow", "H5-narrow16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_decode_not_causal_and_strided_q(fp8, heads):
     q, cache, scale, table, lens = _inputs([3, 0, 700, 64], 3, heads, 64, fp8, seed=5)
@@ -98,7 +99,7 @@ def test_decode_not_causal_and_strided_q(fp8, heads):
         _check(wide[..., :576], cache, scale, table, lens, what=f"q width {width}")
 
 
-@pytest.mark.parametrize("heads", [16, 8], ids=["H16", "H8-narrow"])
+@pytest.mark.parametrize("heads", [16, 8, 4], ids=["H16", "H8-narrow", "H4-narrow16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_decode_per_request_query_lengths(fp8, heads):
     """Speculative decoding with a different number of new tokens n_b per request: each request's queries
@@ -133,13 +134,54 @@ def test_decode_narrow_shapes_both_kernels(batch, s_q, heads, lens, block_size, 
     _check(*inputs, what=f"{'wide' if wide else 'narrow'} lens={seqlens[:8]}")
 
 
+# FP8 at s_q * H <= 16 runs the pipelined kernel (f16 MMAs) by default; DSV2_DECODE_FP8_PIPE=0 the one-stage kernel
+# that N = 32 uses (the A/B variant).
+PIPE = [(128, 1, 16, 4096, 64), (5, 3, 5, [7, 64, 65, 0, 300], 48), (2, 1, 16, [16384, 16384], 16)]
+
+
+@pytest.mark.parametrize("pipe", ["1", "0"], ids=["pipelined", "one-stage"])
+@pytest.mark.parametrize("batch, s_q, heads, lens, block_size", PIPE,
+                         ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-bs{c[4]}" for c in PIPE])
+def test_decode_fp8_narrow16_variants(batch, s_q, heads, lens, block_size, pipe, monkeypatch):
+    monkeypatch.setenv("DSV2_DECODE_FP8_PIPE", pipe)
+    g = torch.Generator().manual_seed(batch * 3 + heads)
+    seqlens = _lengths(lens, batch, g)
+    _check(*_inputs(seqlens, s_q, heads, block_size, True, seed=batch + 2 * s_q), what=f"pipe={pipe}")
+
+
+# (query magnitude exponent, lowest cache scale exponent): scales span 2^sc_lo .. 2^(sc_lo + 24)
+WIDE = [(-30, -20), (0, -20), (30, -20), (0, -4)]
+
+
+@pytest.mark.parametrize("q_exp, sc_lo", WIDE, ids=[f"q2^{q}-scales2^{s}" for q, s in WIDE])
+def test_decode_fp8_wide_scales(q_exp, sc_lo):
+    """FP8 cache whose per-token scales (c_kv and k_pe) span 24 binades inside every tile, and query rows of
+    magnitudes 2^(q_exp - 8) .. 2^(q_exp + 8) in one call (the softmax scale compensating both). The pipelined e4m3
+    kernel (H = 16, s_q = 1) runs its MMAs in f16 and moves these magnitudes into power-of-two fp32 factors (per query
+    row for Q, per tile for P s_c): q rows of 2^-38 or 2^38, or values up to 2^20 * 448, do not fit f16 otherwise."""
+    q, cache, scale, table, lens = _inputs([4096, 130, 64, 1, 700], 1, 16, 64, True, seed=21)
+    g = torch.Generator().manual_seed(22)
+    wide = torch.exp2(torch.rand(scale.shape, generator=g) * 24 + sc_lo).to(scale.device)
+    scale = torch.where(scale.isnan(), scale, wide)  # unused slots stay NaN-poisoned
+    row_exp = torch.tensor([q_exp + 4 * (h % 5) - 8 for h in range(16)], dtype=torch.float32)
+    q = (q.float() * torch.exp2(row_exp).view(1, 1, 16, 1).to(q.device)).bfloat16()
+    sm = 2e-4 * 2.0 ** -(q_exp + sc_lo + 20)
+    with dsv2_kernels.kernels("none"):
+        want_o, want_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)
+    got_o, got_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)
+    tol_o, tol_l = TOL[True]
+    unit = 2.0 ** (sc_lo + 20)  # values scale with the cache scales: compare in units of the default case (exact)
+    assert_close(got_o / unit, want_o / unit, atol=tol_o, rtol=tol_o, what=f"out q_exp={q_exp} sc_lo={sc_lo}")
+    assert_close(got_l, want_l, atol=tol_l, rtol=0, what=f"lse q_exp={q_exp} sc_lo={sc_lo}")
+
+
 def test_decode_all_empty():
     q, cache, scale, table, lens = _inputs([0, 0, 0], 2, 16, 64, False, seed=6)
     out, lse = _check(q, cache, scale, table, lens)
     assert (out == 0).all() and (lse == float("inf")).all()
 
 
-@pytest.mark.parametrize("heads", [32, 16], ids=["H32", "H16-narrow"])
+@pytest.mark.parametrize("heads", [32, 16, 8], ids=["H32", "H16-narrow", "H8-narrow16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_decode_cuda_graph_new_lengths(fp8, heads):
     # The cache holds full pages (47, 1, 1, 16 of 64 tokens) so that every new length below reads written rows only;

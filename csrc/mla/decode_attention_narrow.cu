@@ -25,6 +25,12 @@
 // and by f after, P^T columns (tokens) by f.
 // Every consumer thread arrives on the e4m3 stage's empty barrier itself: one elected arrival after a __syncwarp
 // does not order the other lanes' reads of the stage before the producer's next write (racecheck found that hazard).
+// e4m3 at s_q * H <= 16 runs decode_narrow_fp8_kernel instead (bottom of the file; DSV2_DECODE_FP8_PIPE=0 for the
+// one above): f16 MMAs, two f16 stages, and fixed roles (producer / scores / values) so that conversion, S^T + softmax
+// and PV of consecutive tiles overlap.
+
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/torch_cuda.h"
 
@@ -71,8 +77,8 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t ds
 }
 
 // S^T [64 x kN] (+)= K_tile[:, 16 kK0 .. 16 kK1) . Q^T over those columns, by one warpgroup (k step kk: 32 bytes into
-// column block kk / 4 of both operands).
-template <int kN, int kK0, int kK1>
+// column block kk / 4 of both operands). kF16: f16 operands (the pipelined e4m3 kernel).
+template <int kN, int kK0, int kK1, bool kF16 = false>
 __device__ __forceinline__ void qk_narrow(float (&s)[kN / 2], uint32_t q, uint32_t kv, bool accumulate) {
   fence_regs(s);
   wgmma_fence();
@@ -80,34 +86,36 @@ __device__ __forceinline__ void qk_narrow(float (&s)[kN / 2], uint32_t q, uint32
   for (int kk = kK0; kk < kK1; ++kk) {
     const uint32_t kv_off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
     const uint32_t q_off = (kk >> 2) * (kN * 128) + (kk & 3) * 32;
-    wgmma_m64nNk16_ss<kN, 0>(s, smem_desc(kv + kv_off, 16), smem_desc(q + q_off, 16), accumulate || kk > kK0);
+    wgmma_m64nNk16_ss<kN, 0, kF16>(s, smem_desc(kv + kv_off, 16), smem_desc(q + q_off, 16),
+                                   accumulate || kk > kK0);
   }
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(s);
 }
 
-// O^T[256 x kN] of this warpgroup (4 blocks of 64 dims) += V^T . P^T: A = V dims [64 mb, 64 mb + 64) of the
-// warpgroup's half (column block 4 wg + mb of the tile, tokens 16 kk.. at 2 KB per k step), B = P^T. With `restart`,
-// O = V^T P^T instead (whatever O held is discarded).
-template <int kN>
-__device__ __forceinline__ void pv_narrow(float (&o)[4][kN / 2], uint32_t sp, uint32_t v, bool restart) {
+// O^T[64 kMB x kN] (kMB blocks of 64 dims) += V^T . P^T: A = V dims [64 mb, 64 mb + 64) from `v` (column block mb
+// from there, tokens 16 kk.. at 2 KB per k step), B = P^T. With `restart`, O = V^T P^T instead (whatever O held is
+// discarded). kMB = 4: a warpgroup's half of the dims (bf16 / landed e4m3 kernel); 8: all of them (the pipelined e4m3
+// kernel's value warpgroup, f16 operands).
+template <int kN, int kMB = 4, bool kF16 = false>
+__device__ __forceinline__ void pv_narrow(float (&o)[kMB][kN / 2], uint32_t sp, uint32_t v, bool restart) {
 #pragma unroll
-  for (int mb = 0; mb < 4; ++mb) fence_regs(o[mb]);
+  for (int mb = 0; mb < kMB; ++mb) fence_regs(o[mb]);
   wgmma_fence();
   // k step outer, M-block inner: consecutive wgmmas write different accumulators, so a small-N wgmma never waits
   // for the previous one's accumulation (each block still sums its k steps in the same order: identical results).
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
-    for (int mb = 0; mb < 4; ++mb)
-      wgmma_m64nNk16_ss<kN, 1>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
-                               smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
+    for (int mb = 0; mb < kMB; ++mb)
+      wgmma_m64nNk16_ss<kN, 1, kF16>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
+                                     smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
   }
   wgmma_commit();
   wgmma_wait<0>();
 #pragma unroll
-  for (int mb = 0; mb < 4; ++mb) fence_regs(o[mb]);
+  for (int mb = 0; mb < kMB; ++mb) fence_regs(o[mb]);
 }
 
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
@@ -400,13 +408,455 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- e4m3 cache, s_q * H <= 16: the pipelined kernel ---------------------------------------------------------------
+// The landed e4m3 path above converts into ONE bf16 stage, so the conversion of tile j waits for the PV of tile j - 1
+// and warpgroup 1 idles through S^T and the softmax: conversion, scores and values run one after the other. Here the
+// three warpgroups have fixed roles and hand tiles over through mbarriers, so that they overlap:
+//   * warpgroup 2 (producer, fp8_producer_f16): raw e4m3 half tiles (cp.async ring) -> f16 codes in TWO f16 stages
+//     (it converts tile j + 1 while the consumers work on tile j). e4m3 is a subset of f16: one exact cvt per pair,
+//     no exponent shuffling (the bf16 path's 2^-112 trick costs ~2.25 instructions per element).
+//   * warpgroup 0 (scores): S^T(j) = K Q^T (36 f16 wgmma m64nNk16), the online softmax, P^T(j) as f16 into one of two
+//     P^T slots with the per-column O rescale factor, then straight on to S^T(j + 1);
+//   * warpgroup 1 (values): O^T [512 x kN] (all 8 dim blocks, 4 kN registers per thread) *= alpha(j), += V^T(j)
+//     P^T(j) (32 wgmma), the output at a sequence's last tile.
+// mbarriers: full[s] / empty[s] of the f16 stages (producer -> both consumers; empty counts all 256 consumer threads,
+// each arriving for its own reads), p_full[b] / p_empty[b] of the P^T slots (warpgroup 0 <-> 1, 128 threads each).
+// Tile k of the run uses stage k & 1 and slot k & 1; the k-th use of a barrier pair waits parity (k >> 1) & 1.
+//
+// Numerics (f16 has 5 exponent bits, so the scales that bf16 could carry in its exponent are moved out, as powers of
+// two, into fp32 factors; every such move is exact):
+//   * Q: row c times 2^e_c, e_c chosen so that max |q_c| 2^e_c is in [2^14, 2^15) (rows of zeros: e_c = 0); 2^-e_c
+//     goes into the column's log2 softmax scale. bf16 -> f16 after the power-of-two scale is exact for every value
+//     within 2^31 of the row max (f16 keeps bf16's 8 significant bits down to 2^-17); smaller ones round to a multiple
+//     of 2^-24, i.e. an absolute error below 2^-39 of the row max: negligible next to the fp32 accumulation.
+//   * K, V: the f16 stage holds the e4m3 codes unscaled (exact); S = s_c (acc_c + r acc_pe) per token as before.
+//   * P: the PV product needs P s_c (P <= 1 after the max subtraction); per tile, sigma_t = 2^(E - 14) with
+//     E = floor(log2 max s_c over the tile's tokens), and P^T holds P s_c / sigma_t < 2^15 as f16. O^T is held in
+//     units of the last tile's sigma: alpha' = alpha sigma_{t-1} / sigma_t (a power of two: exact), the output is
+//     O sigma_last / l. f16 rounds P s_c / sigma_t to 2^-11 relative where the landed bf16 P rounds to 2^-8, down to
+//     2^-29 of the tile's largest s_c; below that (a token whose P s_c is 2^29 under the tile's largest scale) f16 is
+//     subnormal, an absolute error under 2^-40 max(s_c) |v| per token. So outputs are at least as precise as the bf16
+//     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
+//     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
+//     tolerance there.
+// Raw ring: cp.async into 3 half-tile stages (a variant loading into 3 rotating register sets instead measured
+// slower on the H200: 155 against 149 us at H = 16, s_k = 4096).
+// kN = 32 stays on the one-stage kernel: the f16 double buffer (144 KB), Q (36 KB at kN = 32) and P^T leave no room
+// for a raw ring in shared memory.
+constexpr int kRawHalves = 3;  // raw half-tile stages (or register sets) of the pipelined kernel: 1.5 tiles
+
+// Shared memory plan (byte offsets from a 1024-aligned base): 2 f16 stages, f16 Q [kN x 576] (9 column blocks of
+// kN * 128 bytes), 2 P^T slots [kN x 64], 2 scale slots {r, s_c} per token, warpgroup 0's exchanges (column maxima
+// and tile max s_c by tile parity, row sums), per slot alpha' and output factor per column, per column softmax scale,
+// 8 mbarriers, the raw ring.
+template <int kN>
+struct NarrowFp8Smem {
+  static constexpr int kQBlock = kN * 128;
+  static constexpr int kKV = 0, kQ = 2 * kTileBytes, kP = kQ + 9 * kQBlock, kScale = kP + 2 * kQBlock;
+  static constexpr int kRed = kScale + 2 * kScaleTileBytes, kRedSig = kRed + 2 * 4 * kN * 4;
+  static constexpr int kRedL = kRedSig + 2 * 4 * 4, kAlpha = kRedL + 4 * kN * 4, kOut = kAlpha + 2 * kN * 4;
+  static constexpr int kQScale = kOut + 2 * kN * 4, kBar = kQScale + kN * 4;
+  static constexpr int kRaw = (kBar + 8 * 8 + 127) / 128 * 128;
+  static constexpr int kBytes = kRaw + kRawHalves * kRawHalfBytes;
+  static_assert(kQ % 1024 == 0 && kP % 1024 == 0 && kQBlock % 1024 == 0 && kBar % 8 == 0,
+                "swizzled blocks need 1024-byte alignment");
+  static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
+};
+
+// Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero), by the 128 threads of the
+// score warpgroup, 8 per row (the layout of load_rows_bf16: 16-byte segment 8 k + sub of the row into column block k)
+// in two steps: fetch_q_rows loads this thread's segments into registers (issued a tile ahead, during the previous
+// sequence's last tile, so that the load latency is not on the path), store_q_f16 scales and converts them into the
+// swizzled Q block and writes each column's log2 softmax scale times 2^-e_c into qscale.
+template <int kN>
+__device__ __forceinline__ void fetch_q_rows(const DecodeParams& p, int b, uint4 (&v)[kN / 16][9]) {
+  const int t = threadIdx.x & 127, sub = t & 7;
+#pragma unroll
+  for (int it = 0; it < kN / 16; ++it) {
+    const int row = (t >> 3) + 16 * it;
+    if (row < p.rows) {
+      const int i = row / p.heads, h = row - i * p.heads;
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q + b * p.q_sb + i * p.q_ss + h * p.q_sh) + sub * 16;
+#pragma unroll
+      for (int k = 0; k < 9; ++k) v[it][k] = ld_stream_16(src + k * 128);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 9; ++k) v[it][k] = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+template <int kN>
+__device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (&v)[kN / 16][9], uint32_t sq,
+                                            float* qscale) {
+  const int t = threadIdx.x & 127, sub = t & 7;
+  // bf16 -> fp32 is the 16-bit pattern shifted up.
+  auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };
+  auto hi = [](uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); };
+#pragma unroll
+  for (int it = 0; it < kN / 16; ++it) {
+    const int row = (t >> 3) + 16 * it;
+    // Row max |q|: this thread's 72 values, then the row's 8 threads (consecutive lanes).
+    float mx = 0.f;
+#pragma unroll
+    for (int k = 0; k < 9; ++k) {
+      const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fmaxf(fabsf(lo(w[e])), fabsf(hi(w[e]))));
+    }
+#pragma unroll
+    for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    // mx 2^e in [2^14, 2^15); e <= 100 keeps 2^-e (and its product with the softmax scale) a normal fp32, for rows
+    // whose max is below 2^-86 (they then just use less of f16's range). Infinite rows keep e = 0.
+    int e = 0;
+    if (mx > 0.f && mx <= 3.4028234663852886e38f) {
+      // floor(log2 mx) from the exponent field (subnormal maxima scaled into the normal range first).
+      const int fl = mx >= 1.17549435e-38f ? ((__float_as_int(mx) >> 23) & 0xFF) - 127
+                                           : ((__float_as_int(mx * 18446744073709551616.f) >> 23) & 0xFF) - 191;
+      e = min(14 - fl, 100);
+    }
+    const float up = __int_as_float((127 + e) << 23);
+#pragma unroll
+    for (int k = 0; k < 9; ++k) {
+      const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
+      uint32_t f[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) f[q] = pack_f16x2(lo(w[q]) * up, hi(w[q]) * up);
+      st_shared_v4(sq + k * (kN * 128) + row * 128 + ((sub ^ (row & 7)) << 4), f[0], f[1], f[2], f[3]);
+    }
+    if (sub == 0) qscale[row] = p.scale_log2 * __int_as_float((127 - e) << 23);
+  }
+}
+
+// Warpgroup 0 of the pipelined kernel: S^T, softmax, P^T (see above). Its own cursor over the run (as the other
+// roles'), so the three never exchange positions.
+template <int kN>
+__device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, int split,
+                                                  uint32_t base, uint8_t* smem) {
+  using L = NarrowFp8Smem<kN>;
+  constexpr int kCols = kN / 4;
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
+  const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
+  auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
+  float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
+  float* s_alpha = reinterpret_cast<float*>(smem + L::kAlpha);
+  float* s_out = reinterpret_cast<float*>(smem + L::kOut);
+  float* s_qscale = reinterpret_cast<float*>(smem + L::kQScale);
+  const uint32_t sq = base + L::kQ;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
+                 bar_pempty = bar_full + 48;
+
+  // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
+  // scale of the column's Q row (times 2^-e_c). sig_prev: E of the previous tile's sigma.
+  float m[kCols], l[kCols], qs[kCols];
+#pragma unroll
+  for (int jj = 0; jj < kCols; ++jj) {
+    m[jj] = -INFINITY;
+    l[jj] = 0.f;
+    qs[jj] = 0.f;
+  }
+  int sig_prev = 0;
+  uint4 qv[kN / 16][9];  // Q of the next sequence to start, in registers
+  fetch_q_rows<kN>(p, cur.b, qv);
+  for (int k = 0; k < count; ++k) {
+    const bool first = k == 0 || cur.t == 0;
+    const bool last = k == count - 1 || cur.t == cur.n - 1;
+    const int st = k & 1;
+    if (first) {
+      if (k > 0) named_bar_sync<128>(2);  // every warp's S^T of the previous sequence is done with Q and qscale
+      store_q_f16<kN>(p, qv, sq, s_qscale);
+      fence_proxy_async();  // Q, for this warpgroup's wgmma
+      named_bar_sync<128>(2);
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        qs[jj] = s_qscale[col(jj)];
+        m[jj] = -INFINITY;
+        l[jj] = 0.f;
+      }
+    }
+    if (last && k + 1 < count) {  // the next sequence's Q, in flight during this tile
+      Cursor next = cur;
+      next.advance(p);
+      fetch_q_rows<kN>(p, next.b, qv);
+    }
+    mbar_wait(bar_full + 8 * st, (k >> 1) & 1);
+    // {r, s_c} of this thread's two tokens (the stage's scale slot).
+    const float2* fac = reinterpret_cast<const float2*>(smem + L::kScale + st * kScaleTileBytes);
+    const float2 f_lo = fac[t_lo], f_hi = fac[t_hi];
+    const uint32_t kv = base + L::kKV + st * kTileBytes;
+    float s[kN / 2];
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) s[i] = 0.f;
+    qk_narrow<kN, kVDim / 16, kKvDim / 16, true>(s, sq, kv, false);  // k_pe part, then scaled by r per token
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.x : f_lo.x;
+    qk_narrow<kN, 0, kVDim / 16, true>(s, sq, kv, true);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.y : f_lo.y;
+    // This thread's reads of the stage are done (its wgmma waited, the scale slot in registers); the V part is the
+    // value warpgroup's, which arrives for its own reads.
+    mbar_arrive(bar_empty + 8 * st);
+
+    // Causal / length mask, as in decode_narrow_kernel.
+    const int tok0 = cur.t * kBlockN;
+    const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
+    if (tok0 + kBlockN > vis0) {
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int e = p.causal ? min(cur.len, vis0 + col(jj) / p.heads) : cur.len;
+        const int i = 4 * (jj >> 1) + (jj & 1);
+        if (tok0 + t_lo >= e) s[i] = -INFINITY;
+        if (tok0 + t_hi >= e) s[i + 2] = -INFINITY;
+      }
+    }
+    // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps
+    // (exchange slots by tile parity: a warp may write tile k + 1's before a slower one read tile k's; tile k + 2's
+    // come after named barrier 2 of tile k + 1, which every warp passes only after its reads).
+    float mx[kCols];
+#pragma unroll
+    for (int jj = 0; jj < kCols; ++jj) {
+      const int i = 4 * (jj >> 1) + (jj & 1);
+      mx[jj] = fmaxf(s[i], s[i + 2]);
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) mx[jj] = fmaxf(mx[jj], __shfl_xor_sync(0xffffffffu, mx[jj], off));
+    }
+    float gmax = fmaxf(f_lo.y, f_hi.y);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+    float* red = reinterpret_cast<float*>(smem + L::kRed) + st * 4 * kN;
+    float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig) + st * 4;
+    if (lane < 4) {
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
+    }
+    if (lane == 0) red_sig[warp] = gmax;
+    named_bar_sync<128>(2);
+    // sigma = 2^(E - 14) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so that sigma
+    // and 1 / sigma stay normal fp32): P s_c / sigma < 2^15, inside f16's range.
+    const float smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
+    const int sig_e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
+    const float inv_sigma = __int_as_float((127 + 14 - sig_e) << 23);
+    // O^T is in units of the previous tile's sigma: times sigma_{k-1} / sigma_k (first tile: O restarts).
+    const float ratio = __int_as_float((127 + (first ? 0 : min(max(sig_prev - sig_e, -126), 127))) << 23);
+    sig_prev = sig_e;
+    float u[kCols], a[kCols], sum[kCols];
+#pragma unroll
+    for (int jj = 0; jj < kCols; ++jj) {
+      const int c = col(jj);
+      const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+      // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
+      const float n = fmaxf(m[jj], w * qs[jj]);
+      u[jj] = n == -INFINITY ? 0.f : n;
+      a[jj] = fast_exp2(m[jj] - u[jj]);
+      m[jj] = n;
+      sum[jj] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const int jj = 2 * (i >> 2) + (i & 1);
+      s[i] = fast_exp2(fmaf(s[i], qs[jj], -u[jj]));
+      sum[jj] += s[i];
+    }
+#pragma unroll
+    for (int jj = 0; jj < kCols; ++jj) l[jj] = l[jj] * a[jj] + sum[jj];
+    // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel, into slot st once the
+    // value warpgroup is done with tile k - 2 there (parity trick: the first use of each slot passes at once).
+    const float g_lo = f_lo.y * inv_sigma, g_hi = f_hi.y * inv_sigma;
+    mbar_wait(bar_pempty + 8 * st, ((k >> 1) & 1) ^ 1);
+    const uint32_t sp = base + L::kP + st * (kN * 128);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const int c = 8 * (i >> 2) + 2 * quad + (i & 1), tok = (i & 2) ? t_hi : t_lo;
+      st_shared_b16(sp + c * 128 + (((tok >> 3) ^ (c & 7)) << 4) + (tok & 7) * 2,
+                    __float2half_rn(s[i] * ((i & 2) ? g_hi : g_lo)));
+    }
+    if (warp == 0 && lane < 4) {
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) s_alpha[st * kN + col(jj)] = a[jj] * ratio;
+    }
+    if (last) {  // the sequence's row sums over all its tokens: output factor sigma / l for the value warpgroup, lse
+      float t[kCols];
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        t[jj] = l[jj];
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
+      }
+      if (lane < 4) {
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
+      }
+      named_bar_sync<128>(2);
+      if (warp == 0 && lane < 4) {
+        const float sigma = __int_as_float((127 - 14 + sig_e) << 23);
+        const int ns = __ldg(p.nsplit + cur.b);
+        const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) {
+          const int c = col(jj);
+          const float lc = (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
+          s_out[st * kN + c] = lc > 0.f ? sigma / lc : 0.f;
+          if (c >= p.rows) continue;
+          const float lse = lc > 0.f ? m[jj] * 0.69314718055994531f + logf(lc) : (ns == 1 ? INFINITY : -INFINITY);
+          if (ns == 1) {
+            const int i = c / p.heads, h = c - i * p.heads;
+            p.lse[(static_cast<int64_t>(cur.b) * p.heads + h) * p.s_q + i] = lse;
+          } else {
+            p.lse_part[slot * p.rows + c] = lse;
+          }
+        }
+      }
+      split = 0;  // later sequences of the run start with their first split
+    }
+    fence_proxy_async();  // P^T, for the value warpgroup's wgmma
+    mbar_arrive(bar_pfull + 8 * st);
+    cur.advance(p);
+  }
+}
+
+// Warpgroup 1 of the pipelined kernel: O^T over all 512 dims, the output at each sequence's last tile.
+template <int kN>
+__device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor cur, int count, int split,
+                                                  uint32_t base, uint8_t* smem) {
+  using L = NarrowFp8Smem<kN>;
+  constexpr int kCols = kN / 4;
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
+  const int t_lo = warp * 16 + (lane >> 2);
+  auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
+  const float* s_alpha = reinterpret_cast<const float*>(smem + L::kAlpha);
+  const float* s_out = reinterpret_cast<const float*>(smem + L::kOut);
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
+                 bar_pempty = bar_full + 48;
+
+  float o[8][kN / 2];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+  for (int k = 0; k < count; ++k) {
+    const bool first = k == 0 || cur.t == 0;
+    const bool last = k == count - 1 || cur.t == cur.n - 1;
+    const int st = k & 1;
+    mbar_wait(bar_pfull + 8 * st, (k >> 1) & 1);
+    mbar_wait(bar_full + 8 * st, (k >> 1) & 1);  // complete already (P^T(k) needed S^T(k)): the V tile's hand-over
+    float a[kCols], inv[kCols];
+#pragma unroll
+    for (int jj = 0; jj < kCols; ++jj) {
+      a[jj] = s_alpha[st * kN + col(jj)];
+      inv[jj] = last ? s_out[st * kN + col(jj)] : 0.f;
+    }
+    // O *= alpha', skipped where it is the identity (every factor of the warp exactly 1: no column max moved and
+    // sigma unchanged) or discarded (first tile: the PV restarts O).
+    if (!first) {
+      bool unit = true;
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) unit = unit && a[jj] == 1.f;
+      if (!__all_sync(0xffffffffu, unit)) {
+#pragma unroll
+        for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+          for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
+      }
+    }
+    pv_narrow<kN, 8, true>(o, base + L::kP + st * (kN * 128), base + L::kKV + st * kTileBytes, first);
+    // Stage st (V) and slot st (P^T, alpha', output factors) read by this thread.
+    mbar_arrive(bar_empty + 8 * st);
+    mbar_arrive(bar_pempty + 8 * st);
+
+    if (last) {
+      const int ns = __ldg(p.nsplit + cur.b);
+      const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int c = col(jj);
+        if (c >= p.rows) continue;
+        const int i0 = 4 * (jj >> 1) + (jj & 1);  // dims t_lo + 64 mb (+ 8)
+        if (ns == 1) {
+          __nv_bfloat16* dst = p.out + (static_cast<int64_t>(cur.b) * p.rows + c) * kVDim + t_lo;
+#pragma unroll
+          for (int mb = 0; mb < 8; ++mb) {
+            dst[64 * mb] = __float2bfloat16_rn(o[mb][i0] * inv[jj]);
+            dst[64 * mb + 8] = __float2bfloat16_rn(o[mb][i0 + 2] * inv[jj]);
+          }
+        } else {
+          float* dst = p.o_part + (slot * p.rows + c) * kVDim + t_lo;
+#pragma unroll
+          for (int mb = 0; mb < 8; ++mb) {
+            dst[64 * mb] = o[mb][i0] * inv[jj];
+            dst[64 * mb + 8] = o[mb][i0 + 2] * inv[jj];
+          }
+        }
+      }
+      split = 0;
+    }
+    cur.advance(p);
+  }
+}
+
+template <int kN>
+__global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_constant__ DecodeParams p) {
+  using L = NarrowFp8Smem<kN>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
+                 bar_pempty = bar_full + 48;
+
+  // Programmatic dependent of the metadata kernel, as the other decode kernels: no global access above.
+  griddep_wait();
+  griddep_launch_dependents();
+  const int4 sched = reinterpret_cast<const int4*>(p.sched)[blockIdx.x];
+  const int count = sched.z;
+  if (count <= 0) return;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
+      mla_prefill::mbar_init(bar_full + 8 * st, 128);
+      mla_prefill::mbar_init(bar_empty + 8 * st, kThreads);
+      mla_prefill::mbar_init(bar_pfull + 8 * st, 128);
+      mla_prefill::mbar_init(bar_pempty + 8 * st, 128);
+    }
+    sm90::fence_mbar_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier: from here on the roles only meet at mbarriers
+
+  Cursor cur;
+  cur.set(p, sched.x, sched.y);
+  // No setmaxnreg: 384 threads get 168 registers each, more than any role needs (the value warpgroup's O^T is 64).
+  const int wg = threadIdx.x >> 7;
+  if (wg == 2) {
+    fp8_producer_f16<kRawHalves>(p, cur, count, base + L::kRaw, base + L::kKV, base + L::kScale, bar_full,
+                                 bar_empty);
+  } else if (wg == 0) {
+    narrow_fp8_scores<kN>(p, cur, count, sched.w, base, smem);
+  } else {
+    narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
+  }
+}
+
+template <int kN>
+void launch_narrow_fp8(const DecodeParams& p, int parts, bool programmatic, cudaStream_t stream) {
+  constexpr int smem = NarrowFp8Smem<kN>::kBytes + kSmemSlack;
+  auto* kernel = decode_narrow_fp8_kernel<kN>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  launch_kernel(programmatic, kernel, dim3(parts), dim3(384), smem, stream, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The pipelined e4m3 kernel runs s_q * H <= 16 unless DSV2_DECODE_FP8_PIPE=0 (A/B against the one-stage kernel).
+// Read per call: cheap next to a launch.
+bool fp8_pipelined() {
+  const char* v = std::getenv("DSV2_DECODE_FP8_PIPE");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 }  // namespace
 
 void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool programmatic, cudaStream_t stream) {
   TORCH_CHECK(p.rows >= 1 && p.rows <= kNarrowMaxRows, "decode_attention: narrow kernel needs s_q * H <= ",
               kNarrowMaxRows);
   if (p.rows <= 16) {
-    if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
+    if (fp8 && fp8_pipelined()) launch_narrow_fp8<16>(p, parts, programmatic, stream);
+    else if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
     else launch_narrow<false, 16>(p, parts, programmatic, stream);
   } else {
     if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);

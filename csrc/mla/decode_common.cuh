@@ -140,6 +140,9 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ void st_shared_b16(uint32_t addr, __nv_bfloat16 v) {
   asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(__bfloat16_as_ushort(v)) : "memory");
 }
+__device__ __forceinline__ void st_shared_b16(uint32_t addr, __half v) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(__half_as_ushort(v)) : "memory");
+}
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -155,12 +158,14 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Four e4m3 values (little-endian in w) -> four bf16 (two bf16x2, low value in the low half) equal to the e4m3
-// values times 2^-112, exactly. e4m3 -> f16 is exact (one cvt per pair) and every finite e4m3 value lands on a
-// normal f16 or zero; moving the f16 exponent field (bias 15) and mantissa unchanged into the bf16 fields (bias 127)
-// is then exact too and divides by 2^112 (no rounding, no multiply; callers fold 2^112 into their fp32 scales).
-// The e4m3 NaN code becomes a finite value: the cache writer saturates, so it never stores one.
-__device__ __forceinline__ uint2 e4m3x4_to_bf16x4_pow2(uint32_t w) {
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Four e4m3 values (little-endian in w) -> four f16 (two f16x2, low value in the low half), exactly: e4m3 is a subset
+// of f16 (every finite e4m3 value, subnormals included, is a normal f16 or zero), one cvt per pair.
+__device__ __forceinline__ uint2 e4m3x4_to_f16x4(uint32_t w) {
   uint32_t lo, hi;
   asm("{\n.reg .b16 l, h;\n"
       "mov.b32 {l, h}, %2;\n"
@@ -168,9 +173,18 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4_pow2(uint32_t w) {
       "cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
       : "=r"(lo), "=r"(hi)
       : "r"(w));
-  lo = ((lo & 0x7FF87FF8u) >> 3) | (lo & 0x80008000u);
-  hi = ((hi & 0x7FF87FF8u) >> 3) | (hi & 0x80008000u);
   return make_uint2(lo, hi);
+}
+
+// Four e4m3 values -> four bf16 equal to the e4m3 values times 2^-112, exactly: through f16 (above), then moving the
+// f16 exponent field (bias 15) and mantissa unchanged into the bf16 fields (bias 127) is exact too and divides by
+// 2^112 (no rounding, no multiply; callers fold 2^112 into their fp32 scales).
+// The e4m3 NaN code becomes a finite value: the cache writer saturates, so it never stores one.
+__device__ __forceinline__ uint2 e4m3x4_to_bf16x4_pow2(uint32_t w) {
+  uint2 v = e4m3x4_to_f16x4(w);
+  v.x = ((v.x & 0x7FF87FF8u) >> 3) | (v.x & 0x80008000u);
+  v.y = ((v.y & 0x7FF87FF8u) >> 3) | (v.y & 0x80008000u);
+  return v;
 }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B K-major in shared memory; scale_d == 0 overwrites D.
@@ -223,37 +237,46 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// D[64 x N] (+)= A[64 x 16] * B[16 x N] for the narrow decode kernel (N = 16 or 32 query rows), both operands in
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] for the narrow decode kernels (N = 16 or 32 query rows), both operands in
 // shared memory, B K-major; A K-major (kTransA = 0: the K tile for S^T = K Q^T) or MN-major (kTransA = 1: the V tile
-// read as V^T for O^T = V^T P^T).
-template <int kTransA>
+// read as V^T for O^T = V^T P^T). Inputs bf16, or f16 with kF16 (the pipelined e4m3 kernel: e4m3 codes are exact
+// f16 values); fp32 accumulation either way.
+#define DSV2_WGMMA_M64N16K16(TYPE)                                                      \
+  asm volatile(                                                                        \
+      "{\n.reg .pred p;\n"                                                             \
+      "setp.ne.b32 p, %10, 0;\n"                                                       \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7"                                                 \
+      "}, %8, %9, p, 1, 1, %11, 0;\n}\n"                                                \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA))
+#define DSV2_WGMMA_M64N32K16(TYPE)                                                              \
+  asm volatile(                                                                                \
+      "{\n.reg .pred p;\n"                                                                     \
+      "setp.ne.b32 p, %18, 0;\n"                                                               \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {"                         \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                   \
+      "}, %16, %17, p, 1, 1, %19, 0;\n}\n"                                                      \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA))
+template <int kTransA, bool kF16 = false>
 __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7"
-      "}, %8, %9, p, 1, 1, %11, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
+  if constexpr (kF16) DSV2_WGMMA_M64N16K16("f16");
+  else DSV2_WGMMA_M64N16K16("bf16");
 }
-template <int kTransA>
+template <int kTransA, bool kF16 = false>
 __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, %16, %17, p, 1, 1, %19, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
+  if constexpr (kF16) DSV2_WGMMA_M64N32K16("f16");
+  else DSV2_WGMMA_M64N32K16("bf16");
 }
-template <int kN, int kTransA>
+#undef DSV2_WGMMA_M64N16K16
+#undef DSV2_WGMMA_M64N32K16
+template <int kN, int kTransA, bool kF16 = false>
 __device__ __forceinline__ void wgmma_m64nNk16_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   static_assert(kN == 16 || kN == 32, "narrow wgmma: N = 16 or 32");
-  if constexpr (kN == 16) wgmma_m64n16k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
-  else wgmma_m64n32k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
+  if constexpr (kN == 16) wgmma_m64n16k16_ss<kTransA, kF16>(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n32k16_ss<kTransA, kF16>(d, desc_a, desc_b, scale_d);
 }
 
 }  // namespace mla_decode
