@@ -33,6 +33,9 @@ are drained (wait<0>): ~80% of the FP8 tensor rate is the practical top for this
     scales copied into each stage, compile-time weight-scale split, 64-row tail tiles, store warps doing the
     epilogue); predicted 820-920 / 720-860 / 560-680 / 540-660, measured 900-917 / 812-828 / 591-632 / 654-712 at
     4096 tokens against CUTLASS's 825-833 / 695-735 / 562-570 / 573-610 (DSV2_FP8_GEMM_IMPL=cutlass runs it).
+    Sixth session: the V2 shapes at 4096 tokens were DRAM-bound (weights read twice: a tail tile ran ahead of the
+    full tile sharing its B tile); tail pairs (an expert's <= 64-row tail over two n-blocks, scheduled with the full
+    tiles, DSV2_FP8_GEMM_TWON) predicted 700-800 / 720-800, measured 733-745 / 692-741.
   * masked, 1-64 rows per expert: a weight stream with ~16-40 K blocks per tile; per-tile overhead (group switch:
     TMA descriptor update, epilogue) ~1-2 us against ~10 us of streaming at 25 GB/s per SM: ~2.6-3.1 TB/s of weights
     (62-74% of the copy ceiling), below the 3.3 TB/s bar; flat from 1 to 64 rows (the tile is 128 rows either way).

@@ -23,8 +23,9 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
 * H = 128 bf16: compute-bound; predicted 420-445 TFLOP/s with the pipelined loads, measured 464-480.
 * FP8 cache: half the bytes, but the e4m3 -> bf16 conversion and the narrow consumers are not yet overlapped well:
   predicted ~1.6x bf16 tokens/s, measured 0.91-0.95x (H=16), 0.83x (H=32); H = 128 FP8 ~325-360 TFLOP/s.
-  Pipelined FP8 kernel (H * s_q <= 16; notes/fp8p.md): predicted ~98 us at H=16 s_k=4096 (range 90-112, ~1.65x
-  bf16), limited by DRAM and shared-memory bandwidth together (~324 KB of smem traffic per tile); not yet measured.
+  Pipelined FP8 kernel (H * s_q <= 16, sixth session): predicted ~98 us at H=16 s_k=4096 (range 90-112, ~1.65x
+  bf16); measured 149 us (1.09x bf16; the one-stage kernel 170), 1.01-1.05x at s_k 1024 / 8192 / 16384. ncu: DRAM
+  35 % busy, waits on global loads dominate: too few tiles in flight (RESULTS.md, sixth session).
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """

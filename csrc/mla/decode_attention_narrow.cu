@@ -118,6 +118,38 @@ __device__ __forceinline__ void pv_narrow(float (&o)[kMB][kN / 2], uint32_t sp, 
   for (int mb = 0; mb < kMB; ++mb) fence_regs(o[mb]);
 }
 
+// Causal / length mask of a tile's S^T (registers as described below: tokens t_lo and t_hi = t_lo + 8 of this
+// thread, its kN / 4 columns). Query row c = i * H + h sees tokens j < len - s_q + 1 + i when causal, else j < len. Masked before
+// exp: tokens past the end were zero-filled, never read, so nothing non-finite is in S.
+template <int kN>
+__device__ __forceinline__ void mask_scores(float (&s)[kN / 2], const DecodeParams& p, const Cursor& cur, int t_lo,
+                                            int t_hi, int quad) {
+  const int tok0 = cur.t * kBlockN;
+  const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
+  if (tok0 + kBlockN > vis0) {
+#pragma unroll
+    for (int jj = 0; jj < kN / 4; ++jj) {
+      const int c = 8 * (jj >> 1) + 2 * quad + (jj & 1);
+      const int e = p.causal ? min(cur.len, vis0 + c / p.heads) : cur.len;
+      const int i = 4 * (jj >> 1) + (jj & 1);
+      if (tok0 + t_lo >= e) s[i] = -INFINITY;
+      if (tok0 + t_hi >= e) s[i + 2] = -INFINITY;
+    }
+  }
+}
+
+// Per column of this thread: the max over its 2 tokens and the 8 lanes of its quad (the 16 tokens of its warp).
+template <int kN>
+__device__ __forceinline__ void quad_column_max(const float (&s)[kN / 2], float (&mx)[kN / 4]) {
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) {
+    const int i = 4 * (jj >> 1) + (jj & 1);
+    mx[jj] = fmaxf(s[i], s[i + 2]);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) mx[jj] = fmaxf(mx[jj], __shfl_xor_sync(0xffffffffu, mx[jj], off));
+  }
+}
+
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
 // rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
@@ -237,28 +269,10 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
       } else {
         qk_narrow<kN, 0, kKvDim / 16>(s, sq, kv, false);
       }
-      // Query row c = i * H + h sees tokens j < len - s_q + 1 + i when causal, else j < len. Masked before exp:
-      // tokens past the end were zero-filled, never read, so nothing non-finite is in S.
-      const int tok0 = cur.t * kBlockN;
-      const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
-      if (tok0 + kBlockN > vis0) {
-#pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) {
-          const int e = p.causal ? min(cur.len, vis0 + col(jj) / p.heads) : cur.len;
-          const int i = 4 * (jj >> 1) + (jj & 1);
-          if (tok0 + t_lo >= e) s[i] = -INFINITY;
-          if (tok0 + t_hi >= e) s[i + 2] = -INFINITY;
-        }
-      }
+      mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
       // Column max over the 64 tokens: own 2, the 8 lanes of the same quad, then the 4 warps.
       float mx[kCols];
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        const int i = 4 * (jj >> 1) + (jj & 1);
-        mx[jj] = fmaxf(s[i], s[i + 2]);
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) mx[jj] = fmaxf(mx[jj], __shfl_xor_sync(0xffffffffu, mx[jj], off));
-      }
+      quad_column_max<kN>(s, mx);
       if (lane < 4) {
 #pragma unroll
         for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
@@ -596,29 +610,12 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     // value warpgroup's, which arrives for its own reads.
     mbar_arrive(bar_empty + 8 * st);
 
-    // Causal / length mask, as in decode_narrow_kernel.
-    const int tok0 = cur.t * kBlockN;
-    const int vis0 = p.causal ? cur.len - p.s_q + 1 : cur.len;
-    if (tok0 + kBlockN > vis0) {
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        const int e = p.causal ? min(cur.len, vis0 + col(jj) / p.heads) : cur.len;
-        const int i = 4 * (jj >> 1) + (jj & 1);
-        if (tok0 + t_lo >= e) s[i] = -INFINITY;
-        if (tok0 + t_hi >= e) s[i + 2] = -INFINITY;
-      }
-    }
+    mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
     // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps
     // (exchange slots by tile parity: a warp may write tile k + 1's before a slower one read tile k's; tile k + 2's
     // come after named barrier 2 of tile k + 1, which every warp passes only after its reads).
     float mx[kCols];
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) {
-      const int i = 4 * (jj >> 1) + (jj & 1);
-      mx[jj] = fmaxf(s[i], s[i + 2]);
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) mx[jj] = fmaxf(mx[jj], __shfl_xor_sync(0xffffffffu, mx[jj], off));
-    }
+    quad_column_max<kN>(s, mx);
     float gmax = fmaxf(f_lo.y, f_hi.y);
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
