@@ -150,6 +150,17 @@ __device__ __forceinline__ void quad_column_max(const float (&s)[kN / 2], float 
   }
 }
 
+// Per column of this thread: the sum of its partial row sums l over the 8 lanes of its quad.
+template <int kN>
+__device__ __forceinline__ void quad_column_sum(const float (&l)[kN / 4], float (&t)[kN / 4]) {
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) {
+    t[jj] = l[jj];
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
+  }
+}
+
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
 // rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
@@ -313,12 +324,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
       }
       if (last) {  // the sequence's row sums over all 64 x (its tiles) tokens, and its max, for the output
         float t[kCols];
-#pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) {
-          t[jj] = l[jj];
-#pragma unroll
-          for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
-        }
+        quad_column_sum<kN>(l, t);
         if (lane < 4) {
 #pragma unroll
           for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
@@ -672,12 +678,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     }
     if (last) {  // the sequence's row sums over all its tokens: output factor sigma / l for the value warpgroup, lse
       float t[kCols];
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        t[jj] = l[jj];
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
-      }
+      quad_column_sum<kN>(l, t);
       if (lane < 4) {
 #pragma unroll
         for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
