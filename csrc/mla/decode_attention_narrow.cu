@@ -161,6 +161,21 @@ __device__ __forceinline__ void quad_column_sum(const float (&l)[kN / 4], float 
   }
 }
 
+// O^T *= a per column (this thread's kN / 4 columns), skipped when every factor of the warp is exactly 1 (the usual
+// case once a sequence's column maxima stopped moving); called warp-uniformly.
+template <int kN, int kMB>
+__device__ __forceinline__ void rescale_o(float (&o)[kMB][kN / 2], const float (&a)[kN / 4]) {
+  bool unit = true;
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) unit = unit && a[jj] == 1.f;
+  if (!__all_sync(0xffffffffu, unit)) {
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
+  }
+}
+
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
 // rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
@@ -358,17 +373,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
     // O *= alpha, skipped where it is the identity (every factor of the warp exactly 1: no column max moved; the
     // usual case after a sequence's first tiles) or discarded (first tile: the PV restarts O). first is CTA-uniform,
     // so the vote is warp-uniform.
-    if (!first) {
-      bool unit = true;
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) unit = unit && a[jj] == 1.f;
-      if (!__all_sync(0xffffffffu, unit)) {
-#pragma unroll
-        for (int mb = 0; mb < 4; ++mb)
-#pragma unroll
-          for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
-      }
-    }
+    if (!first) rescale_o<kN>(o, a);
     pv_narrow<kN>(o, sp, kv + wg * 4 * kColBlockBytes, first);
 
     if constexpr (kFp8) {
@@ -744,17 +749,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     }
     // O *= alpha', skipped where it is the identity (every factor of the warp exactly 1: no column max moved and
     // sigma unchanged) or discarded (first tile: the PV restarts O).
-    if (!first) {
-      bool unit = true;
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) unit = unit && a[jj] == 1.f;
-      if (!__all_sync(0xffffffffu, unit)) {
-#pragma unroll
-        for (int mb = 0; mb < 8; ++mb)
-#pragma unroll
-          for (int i = 0; i < kN / 2; ++i) o[mb][i] *= a[2 * (i >> 2) + (i & 1)];
-      }
-    }
+    if (!first) rescale_o<kN>(o, a);
     pv_narrow<kN, 8, true>(o, base + L::kP + st * (kN * 128), base + L::kKV + st * kTileBytes, first);
     // Stage st (V) and slot st (P^T, alpha', output factors) read by this thread.
     mbar_arrive(bar_empty + 8 * st);
