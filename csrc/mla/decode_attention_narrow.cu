@@ -176,6 +176,35 @@ __device__ __forceinline__ void rescale_o(float (&o)[kMB][kN / 2], const float (
   }
 }
 
+// Online softmax step of a tile for this thread's kN / 4 columns: the column max over the 4 warps' quad maxima in
+// red[warp * kN + column], times the column's log2 scale qs, updates the running max m (log2 domain) and gives the
+// rescale factor a of the previous tiles; s becomes exp2(s qs - m) and l (this thread's partial row sums) l a + sum.
+template <int kN>
+__device__ __forceinline__ void softmax_update(float (&s)[kN / 2], const float* red, const float (&qs)[kN / 4],
+                                               int quad, float (&m)[kN / 4], float (&l)[kN / 4],
+                                               float (&a)[kN / 4]) {
+  float u[kN / 4], sum[kN / 4];
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) {
+    const int c = 8 * (jj >> 1) + 2 * quad + (jj & 1);
+    const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+    // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
+    const float n = fmaxf(m[jj], w * qs[jj]);
+    u[jj] = n == -INFINITY ? 0.f : n;
+    a[jj] = fast_exp2(m[jj] - u[jj]);
+    m[jj] = n;
+    sum[jj] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) {
+    const int jj = 2 * (i >> 2) + (i & 1);
+    s[i] = fast_exp2(fmaf(s[i], qs[jj], -u[jj]));
+    sum[jj] += s[i];
+  }
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) l[jj] = l[jj] * a[jj] + sum[jj];
+}
+
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
 // & 1) and column 8 * (i >> 2) + 2 * (lane & 3) + (i & 1). Rows are tokens (S^T) or value dims (O^T), columns query
 // rows. A thread's kN / 4 columns are indexed jj = 2 j + e: column 8 j + 2 quad + e, registers 4 j + e (row "lo") and
@@ -304,26 +333,10 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
         for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
       }
       named_bar_sync<128>(2);
-      float u[kCols], sum[kCols];
+      float qs[kCols];
 #pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        const int c = col(jj);
-        const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
-        // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
-        const float n = fmaxf(m[jj], w * scale_log2);
-        u[jj] = n == -INFINITY ? 0.f : n;
-        a[jj] = fast_exp2(m[jj] - u[jj]);
-        m[jj] = n;
-        sum[jj] = 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i) {
-        const int jj = 2 * (i >> 2) + (i & 1);
-        s[i] = fast_exp2(fmaf(s[i], scale_log2, -u[jj]));
-        sum[jj] += s[i];
-      }
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) l[jj] = l[jj] * a[jj] + sum[jj];
+      for (int jj = 0; jj < kCols; ++jj) qs[jj] = scale_log2;
+      softmax_update<kN>(s, red, qs, quad, m, l, a);
       // P^T [kN x 64 tokens] bf16, K-major swizzled (row c, 16-byte chunk tok / 8 at chunk (tok / 8) ^ (c % 8)).
       // e4m3: each token's value factor f (the V tile holds unscaled e4m3 * 2^-112).
 #pragma unroll
@@ -646,26 +659,8 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     // O^T is in units of the previous tile's sigma: times sigma_{k-1} / sigma_k (first tile: O restarts).
     const float ratio = __int_as_float((127 + (first ? 0 : min(max(sig_prev - sig_e, -126), 127))) << 23);
     sig_prev = sig_e;
-    float u[kCols], a[kCols], sum[kCols];
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) {
-      const int c = col(jj);
-      const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
-      // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
-      const float n = fmaxf(m[jj], w * qs[jj]);
-      u[jj] = n == -INFINITY ? 0.f : n;
-      a[jj] = fast_exp2(m[jj] - u[jj]);
-      m[jj] = n;
-      sum[jj] = 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) {
-      const int jj = 2 * (i >> 2) + (i & 1);
-      s[i] = fast_exp2(fmaf(s[i], qs[jj], -u[jj]));
-      sum[jj] += s[i];
-    }
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) l[jj] = l[jj] * a[jj] + sum[jj];
+    float a[kCols];
+    softmax_update<kN>(s, red, qs, quad, m, l, a);
     // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel, into slot st once the
     // value warpgroup is done with tile k - 2 there (parity trick: the first use of each slot passes at once).
     const float g_lo = f_lo.y * inv_sigma, g_hi = f_hi.y * inv_sigma;
