@@ -10,10 +10,17 @@
 //     the same stage. The consumers thus find their scales in shared memory once the stage is full, kStages K blocks
 //     ahead of use, and never wait on a global load inside the K loop. The scales travel by cp.async rather than as a
 //     third TMA box because an fp32 scale map with a 128 x 1 box raised "illegal instruction" on the H200.
-//   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile: per K block four m64nBNk32
-//     e4m3 wgmmas into a partial fp32 accumulator, wait, release the stage, then the promotion
-//     final += partial * (a_scale[row] * b_scale[k block, column block]) in fp32. The two warpgroups share the tensor
-//     core: while one promotes, the other's wgmmas run.
+//   * warpgroups 0 and 1 are the consumers, rows 0-63 and 64-127 of the 128-row tile. Per K block, four k32 e4m3
+//     wgmmas into partial fp32 accumulators, then the promotion final += partial * (a_scale[row] * b_scale[k block,
+//     column block]) in fp32. A warpgroup's BN columns are two halves, lo and hi (wgmma N = BN / 2, a partial
+//     accumulator and a commit group each), software-pipelined across K blocks: the wgmmas of lo(k) run while
+//     hi(k - 1) is promoted, those of hi(k) while lo(k) is promoted. With one N = BN group per K block (the previous
+//     loop, still used by half tiles), nothing of a warpgroup was in flight during its own promotion, and the two
+//     warpgroups did not take turns on the tensor core as intended: a K block took ~1080 cycles for 768 of tensor
+//     work (ncu, /work/notes/gemm_v2lite_analysis.md). Each half is waited for with wait_group 0 before its
+//     accumulators are read (a read after wait_group 1 with the other half's group in flight across the loop's
+//     back-edge makes ptxas serialize every wgmma of the kernel), and a stage is released once both halves that read
+//     it have retired.
 //   * warps 9 and 10 are the store warps, one per consumer warpgroup (warp 11 exits at once). They take the epilogue's
 //     global stores off the consumers, which start the next tile's K loop instead.
 //
@@ -35,7 +42,8 @@
 //
 // Tail tiles (<= 64 valid rows, "half" tiles) load 64 A rows (a second A tensor map with a 64-row box) and split the
 // columns instead of the rows: both warpgroups multiply the same 64 rows, warpgroup w by columns w BN / 2 .. (wgmma N
-// = BN / 2), so the promotions stay hidden under the other warpgroup's wgmmas.
+// = BN / 2) in one commit group per K block (not split into halves), so only the other warpgroup's wgmmas can hide
+// a promotion.
 //
 // Tail pairs (the kTwoN kernel, chosen where experts average at most 2 m-blocks, e.g. V2 at 4096 tokens, whose
 // ~154-row experts are one full m-block and a ~26-row tail): a half tile does half a full tile's tensor work per K
@@ -142,65 +150,13 @@ __device__ __forceinline__ void wgmma_m64n96k32_e4m3(float (&d)[48], uint64_t de
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                         int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
-      " %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
-                                                         int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %98, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95},"
-      " %96, %97, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-
-// N = BN (a warpgroup's 64 rows of a full tile) or BN / 2 (its half of the columns of a <= 64-row tile).
+// N = BN / 2: one column half of a warpgroup's 64 rows of a full tile (or tail pair), or its half of the columns of
+// a <= 64-row tile.
 template <int N>
 __device__ __forceinline__ void wgmma_fp8(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  static_assert(N == 64 || N == 96 || N == 128 || N == 192, "instantiated wgmma N: 64, 96, 128, 192");
+  static_assert(N == 64 || N == 96, "instantiated wgmma N: 64, 96");
   if constexpr (N == 64) wgmma_m64n64k32_e4m3(d, desc_a, desc_b, scale_d);
-  else if constexpr (N == 96) wgmma_m64n96k32_e4m3(d, desc_a, desc_b, scale_d);
-  else if constexpr (N == 128) wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
-  else wgmma_m64n192k32_e4m3(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n96k32_e4m3(d, desc_a, desc_b, scale_d);
 }
 
 // Shared-memory plan of one BN (offsets from a 1024-byte aligned base: the 128-byte swizzle is computed from address
@@ -366,10 +322,11 @@ __device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
 //   * full[s]: 1 + 32 arrivals, producer lane 0's expect_tx with the stage's TMA bytes and one
 //     cp.async.mbarrier.arrive.noinc per producer lane (every lane, every K block, whether it copied scales or not),
 //     so the phase completes only when A, B and the scales of the stage have all landed;
-//   * empty[s]: one arrival per consumer thread, once its warpgroup's wgmmas have read the stage and its scales are
-//     in registers (a CTA without a tile in its cluster unit releases it unread), plus with clusters one per consumer
-//     warp of the peer CTA. Every thread arrives for its own scale reads: racecheck does not accept one elected
-//     arrival after __syncwarp as ordering the other lanes' reads before the producer's next cp.async into the stage;
+//   * empty[s]: one arrival per consumer thread, once its warpgroup's wgmmas (of both column halves) have read the
+//     stage and its scales are in registers (a CTA without a tile in its cluster unit releases it unread), plus with
+//     clusters one per consumer warp of the peer CTA. Every thread arrives for its own scale reads: racecheck does
+//     not accept one elected arrival after __syncwarp as ordering the other lanes' reads before the producer's next
+//     cp.async into the stage;
 //   * out_full[wg] / out_empty[wg]: the staging buffer of consumer warpgroup wg, 128 arrivals (every consumer thread
 //     after its staging stores) / 32 arrivals (every store lane after its loads of the rows). The j-th use waits
 //     out_empty with parity (j & 1) ^ 1 and out_full with parity j & 1, as the stage ring does. The consumers and
@@ -623,34 +580,115 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto mainloop = [&](auto n, auto former, uint32_t a_off, uint32_t b_off, int row, int sbb) {
     constexpr int kN = decltype(n)::value, kGroups = kN / 8;
     constexpr int kFormer = decltype(former)::value;
-    float d[kN / 2], f[kN / 2];  // the wgmmas' partial sums, the promoted sums
+    float f[kN / 2];  // the promoted sums
     const uint32_t da_0 = d_stage0 + (a_off >> 4), db_0 = d_stage0 + (b_off >> 4);
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) f[i] = 0.f;
-    for (int kb = 0; kb < p.k_blocks; ++kb) {
-      mbar_wait(full_bar(stage), phase);
-      const float sa_lo = s_sfa[stage * kBM + row], sa_hi = s_sfa[stage * kBM + row + 8];
-      const float sb0 = s_sfb[stage * 4 + sbb];
-      const float sb1 = kFormer < kGroups ? s_sfb[stage * 4 + sbb + 1] : sb0;
-      const uint32_t da = da_0 + stage * (P::kStageBytes >> 4), db = db_0 + stage * (P::kStageBytes >> 4);
-      wgmma_fence();
+    // This thread's promotion factors for stage s: the activation scales of its fragment rows (row, row + 8) times
+    // the weight scale of the column groups below kFormer (sc[0], sc[1]) and of the others (sc[2], sc[3]).
+    auto load_scales = [&](int s, float (&sc)[4]) {
+      const float sa_lo = s_sfa[s * kBM + row], sa_hi = s_sfa[s * kBM + row + 8];
+      const float sb0 = s_sfb[s * 4 + sbb];
+      const float sb1 = kFormer < kGroups ? s_sfb[s * 4 + sbb + 1] : sb0;
+      sc[0] = sa_lo * sb0;
+      sc[1] = sa_hi * sb0;
+      sc[2] = sa_lo * sb1;
+      sc[3] = sa_hi * sb1;
+    };
+    // One commit group: stage s's four k32 wgmmas of the warpgroup's columns from b_col (descriptor units of 16
+    // bytes past b_off), wgmma N = the columns of d (2 per accumulator register of a thread).
+    auto issue = [&](auto& d, int s, uint32_t b_col) {
+      constexpr int kW = 2 * static_cast<int>(std::extent_v<std::remove_reference_t<decltype(d)>>);
+      const uint32_t da = da_0 + s * (P::kStageBytes >> 4), db = db_0 + b_col + s * (P::kStageBytes >> 4);
+      wgmma_fence();  // d was read by the last promotion
 #pragma unroll
-      for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<kN>(d, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
+      for (int k = 0; k < kBK / 32; ++k) wgmma_fp8<kW>(d, desc_of(da + 2 * k), desc_of(db + 2 * k), k);
       wgmma_commit();
-      float s[4] = {sa_lo * sb0, sa_hi * sb0, sa_lo * sb1, sa_hi * sb1};  // under the wgmmas
-      wgmma_wait<0>();
-      fence_regs(d);
-      fence_regs(s);   // the scale reads are complete before the release below
-      release(stage);  // only registers from here
+    };
+    // f's column groups g0 .. (8 columns each) += d * their factor. g0 is a compile-time constant, so whether a group
+    // is before the weight-scale split is too: no selects.
+    auto promote = [&](auto g0, const auto& d, const float (&sc)[4]) {
+      constexpr int kG0 = decltype(g0)::value;
+      constexpr int kW = 2 * static_cast<int>(std::extent_v<std::remove_reference_t<decltype(d)>>);
 #pragma unroll
-      for (int i = 0; i < kGroups; ++i) {  // column group 8i .. 8i + 7
-        const float lo = i < kFormer ? s[0] : s[2], hi = i < kFormer ? s[1] : s[3];
-        f[4 * i + 0] = fmaf(d[4 * i + 0], lo, f[4 * i + 0]);
-        f[4 * i + 1] = fmaf(d[4 * i + 1], lo, f[4 * i + 1]);
-        f[4 * i + 2] = fmaf(d[4 * i + 2], hi, f[4 * i + 2]);
-        f[4 * i + 3] = fmaf(d[4 * i + 3], hi, f[4 * i + 3]);
+      for (int j = 0; j < kW / 8; ++j) {  // column group i = g0 + j: columns 8i .. 8i + 7
+        const int i = kG0 + j;
+        const float lo = i < kFormer ? sc[0] : sc[2], hi = i < kFormer ? sc[1] : sc[3];
+        f[4 * i + 0] = fmaf(d[4 * j + 0], lo, f[4 * i + 0]);
+        f[4 * i + 1] = fmaf(d[4 * j + 1], lo, f[4 * i + 1]);
+        f[4 * i + 2] = fmaf(d[4 * j + 2], hi, f[4 * i + 2]);
+        f[4 * i + 3] = fmaf(d[4 * j + 3], hi, f[4 * i + 3]);
       }
+    };
+    using G0 = std::integral_constant<int, 0>;
+
+    if constexpr (kN == BN) {
+      // Full tile or tail pair: the kN columns as two halves, lo (groups 0 .. kGroups / 2 - 1) and hi, each with its
+      // own partial accumulator and commit group (wgmma N = kN / 2), software-pipelined across K blocks so that one
+      // half's wgmmas are in flight while the other half is promoted. K block kb >= 1:
+      //   wait full(kb), read its scales -> wait hi(kb - 1) -> issue lo(kb) -> release stage kb - 1
+      //   -> promote hi(kb - 1) -> wait lo(kb) -> issue hi(kb) -> promote lo(kb).
+      // (The full-barrier wait and the scale loads go first, under hi(kb - 1).) Every wait is wait_group 0 and every
+      // accumulator is read only after one: reading a half retired by a wait_group 1 while the other half's group
+      // crosses the loop's back-edge makes ptxas serialize every wgmma of the kernel (C7514 / C7518).
+      // Stage kb - 1 is released by every thread once both halves that read it have retired (the wait for
+      // hi(kb - 1)) and its scales are in registers (sc). The release now also comes after the wait for stage kb to be
+      // full; that cannot deadlock, since filling stage kb needed only releases of stages <= kb - kStages. The last
+      // K block (the only one when k_blocks == 1) is waited for, released and promoted after the loop: nothing is in
+      // flight and no stage is held past the tile, so the epilogue, the next tile and the !has_n path see the same
+      // state as with one commit group per K block.
+      constexpr int kH = kN / 2;
+      constexpr uint32_t kHiCol = (kH * kBK) >> 4;  // B's hi half: kH rows of 128 bytes further (1024-aligned)
+      using GHi = std::integral_constant<int, kGroups / 2>;
+      float dl[kH / 2], dh[kH / 2];  // partials of lo and hi
+      float sc[4], sn[4];            // factors of the K block being promoted, of the next one
+      mbar_wait(full_bar(stage), phase);
+      load_scales(stage, sc);
+      issue(dl, stage, 0);  // lo(0)
+      wgmma_wait<0>();
+      fence_regs(dl);
+      issue(dh, stage, kHiCol);  // hi(0), in flight while lo(0) is promoted
+      promote(G0{}, dl, sc);
+      for (int kb = 1; kb < p.k_blocks; ++kb) {
+        const int prev = stage;
+        advance();
+        mbar_wait(full_bar(stage), phase);
+        load_scales(stage, sn);
+        wgmma_wait<0>();  // hi(kb - 1): stage kb - 1 is read by both halves
+        fence_regs(dh);
+        fence_regs(sc);
+        issue(dl, stage, 0);  // lo(kb), in flight while hi(kb - 1) is promoted
+        release(prev);        // only registers of stage kb - 1 from here
+        promote(GHi{}, dh, sc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[i] = sn[i];
+        wgmma_wait<0>();  // lo(kb)
+        fence_regs(dl);
+        issue(dh, stage, kHiCol);  // hi(kb), in flight while lo(kb) is promoted
+        promote(G0{}, dl, sc);
+      }
+      wgmma_wait<0>();  // hi of the last K block: nothing of this tile is in flight after this
+      fence_regs(dh);
+      fence_regs(sc);
+      release(stage);
       advance();
+      promote(GHi{}, dh, sc);
+    } else {
+      // Half tile (kN = BN / 2, an expert's <= 64-row tail): not split (yet). One commit group per K block, then its
+      // promotion; only the other warpgroup's wgmmas can run under it.
+      float d[kN / 2];  // the wgmmas' partial sums
+      for (int kb = 0; kb < p.k_blocks; ++kb) {
+        mbar_wait(full_bar(stage), phase);
+        float sc[4];
+        load_scales(stage, sc);  // the multiplications are scheduled under the wgmmas
+        issue(d, stage, 0);
+        wgmma_wait<0>();
+        fence_regs(d);
+        fence_regs(sc);  // the scale reads are complete before the release below
+        release(stage);  // only registers from here
+        promote(G0{}, d, sc);
+        advance();
+      }
     }
 
     // ---- epilogue: bf16 into this warpgroup's 64 staged rows, handed to the store warp (which knows the tile's
