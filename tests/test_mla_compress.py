@@ -79,9 +79,9 @@ def check_against_reference(args, fp8, num_blocks, block_size, normed=True):
 @pytest.mark.parametrize("normed", [True, False])
 @pytest.mark.parametrize("tokens", [7001, 65536, 140013])
 def test_compress_kv_many_tokens_per_warp(tokens, fp8, normed):
-    # The kernel runs one wave of 32 warps per SM (4224 warps on 132 SMs), each over a contiguous run of tokens through
+    # The kernel runs one wave of 32 warps per SM (4224 warps on 132 SMs), warp w over tokens w, w + 4224, ... through
     # a 4-slot ring of rows: 7001 tokens are 1-2 per warp, 65536 reuse the ring (15-16 per warp), 140013 exceed the
-    # 32 tokens of a warp's run and add a second wave; the odd counts leave warps with uneven runs.
+    # 32 tokens of a warp and add a second wave (8448 warps, 16-17 each); the odd counts leave warps with uneven runs.
     args = compress_inputs(tokens, (tokens + 63) // 64 * 64 + 64, gen(1))
     check_against_reference(args, fp8, (tokens + 63) // 64 + 1, 64, normed)
 

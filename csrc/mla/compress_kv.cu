@@ -7,21 +7,24 @@
 // flight and how short the dependent chains are, not the arithmetic. Design:
 //
 // * One warp per token (lane l holds c vectors l and l + 32, 16 bytes = 8 values each, so each warp access covers
-//   512 contiguous bytes, and k_pe pair l with its cos and sin); the sum of squares and the e4m3 amaxes are warp
-//   shuffles. Warps are otherwise independent: the only CTA barrier is the one after the weight (as fp32) is put in
+//   512 contiguous bytes, and k_pe pair l with its cos and sin); the sum of squares is a shuffle reduction, the
+//   e4m3 amaxes one REDUX each. Warps are otherwise independent: the only CTA barrier is the one after the weight (as fp32) is put in
 //   shared memory at the start, read back per token with conflict-free 16-byte loads rather than held in 16
 //   registers per lane (which would cost the occupancy below).
-// * Exactly one wave: the grid is the resident capacity (4 CTAs x 8 warps per SM at <= 64 registers), and each warp
-//   owns a contiguous run of T / warps tokens (balanced to one token; at most 32, more waves beyond that), so at
-//   T = 8192 every SM has ~62 tokens and every warp 1-2.
+// * Exactly one wave: the grid is the resident capacity (4 CTAs x 8 warps per SM at <= 64 registers), and with W
+//   warps in all, warp w takes tokens w, w + W, w + 2W, ... (at most 32; more waves beyond that), so at T = 8192
+//   every SM has ~62 tokens and every warp 1-2. Interleaved rather than contiguous runs: at any moment the W live
+//   warps work on one dense window of ~W consecutive tokens, i.e. neighbouring kv_a rows and (slots filling pages in
+//   order) whole cache pages written together, which the L2 write-back and the DRAM pages serve better than W rows
+//   scattered a run apart over the whole tensor.
 // * Rows are staged in shared memory with cp.async (a 4-row ring per warp, 147 KB per SM): the loads do not tie up
 //   registers, so a warp keeps up to 3 rows in flight while it processes one (at T = 8192 every row of the kernel
 //   is requested in the first instructions of each warp). Each lane copies exactly the bytes it later reads, so the
 //   ring needs no __syncwarp: cp.async.wait_group alone orders each lane's copy before its own reads, and a stage is
 //   refilled only in the iteration after the one that consumed it. kv_a is read with an L2 evict-first policy
 //   (read once), leaving the L2 to the cos/sin table, the indices and the cache rows just written.
-// * Index loads are hoisted: lane j loads positions / slot_mapping of the warp's token j once, up front (one
-//   coalesced load each), already clamped / validated to 32-bit; each token then gets them with a shuffle. The
+// * Index loads are hoisted: lane j loads positions / slot_mapping of the warp's token j once, up front (one load
+//   each, 32 sectors per warp once: negligible), already clamped / validated to 32-bit; each token then gets them with a shuffle. The
 //   cos/sin row of token k + 1 is loaded (L2) while token k is processed, so the per-token chain is just the row.
 //   kv_a is read even for a token whose slot is skipped (padding is rare, and gating the loads would add a round
 //   trip).
@@ -81,7 +84,7 @@ struct Params {
   __nv_bfloat16* c_out;  // [T, 512] (return_normed only)
   __nv_bfloat16* k_out;  // [T, 64]
   int64_t tokens;
-  int64_t per_warp, extra;  // warp w owns per_warp tokens, plus one if w < extra (set at launch)
+  int64_t warps;  // warps in the grid (set at launch): warp w takes tokens w, w + warps, ...
   float eps;
   bool pos64, slot64;
 };
@@ -186,10 +189,11 @@ __device__ __forceinline__ uint2 quantize8(const float* x, float scale, float rc
                     pack_e4m3x2(q[4], q[5]) | (pack_e4m3x2(q[6], q[7]) << 16));
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
+// Warp max of per-lane values that are never NaN and >= +0 (each lane's fmaxf chain starts at +0, and fmaxf drops a
+// NaN operand): for such floats the order of the bit patterns as unsigned integers is the numeric order, so one
+// REDUX (sm_80+) gives exactly what 5 rounds of shuffle + fmaxf give, without the 5-deep shuffle chain.
+__device__ __forceinline__ float warp_max_nonneg(float v) {
+  return __uint_as_float(__reduce_max_sync(kFull, __float_as_uint(v)));
 }
 
 // One token: its row, this lane's cos/sin, its slot (already validated: -1 = skip).
@@ -227,8 +231,11 @@ __device__ __forceinline__ void process_token(const Params& p, const TokenLoads&
     float amax_c = 0.f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) amax_c = fmaxf(amax_c, fabsf(c[i]));
-    amax_c = warp_max(amax_c);
-    const float amax_k = warp_max(fmaxf(fabsf(ke), fabsf(ko)));
+    amax_c = warp_max_nonneg(amax_c);
+    // Starting from +0 as amax_c does: a lane whose pair is all NaN contributes 0 rather than NaN. The shuffle
+    // version let such a lane's NaN through only when every lane had one, and then fmaxf(NaN, floor) below gave the
+    // floor, which is what 0 gives too.
+    const float amax_k = warp_max_nonneg(fmaxf(fmaxf(0.f, fabsf(ke)), fabsf(ko)));
     // PyTorch's CUDA division by a Python scalar multiplies by its fp32 reciprocal: do the same, bit for bit.
     const float c_scale = fmaxf(amax_c, kAmaxFloor) * (1.f / kFp8Max);
     const float k_scale = fmaxf(amax_k, kAmaxFloor) * (1.f / kFp8Max);
@@ -242,7 +249,7 @@ __device__ __forceinline__ void process_token(const Params& p, const TokenLoads&
   }
 }
 
-// Each warp processes its n (<= 32) consecutive tokens in order. Row i goes to stage i % kStages; before token k is
+// Each warp processes its n (<= 32) tokens (p.warps apart) in order. Row i goes to stage i % kStages; before token k is
 // processed, row k + kStages - 1 is requested (into the stage token k - 1 used, whose values are consumed by now),
 // so kStages - 1 rows are in flight behind the one being processed. One commit group per row (empty groups past the
 // warp's last row keep the count uniform), so wait_group<kStages - 1> at token k means rows 0..k have landed.
@@ -252,9 +259,13 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
   __shared__ WeightTable wt;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const int n = static_cast<int>(p.per_warp) + (gw < p.extra ? 1 : 0);  // 0 for trailing warps of the last CTA
-  const int64_t begin = gw * p.per_warp + (gw < p.extra ? gw : p.extra);
-  const __nv_bfloat16* rows = p.kv_a + begin * p.kv_stride;
+  // Tokens gw + k * p.warps for k < n (n <= 32: set at launch); 0 for trailing warps of the last CTA.
+  // 32-bit division: tokens < 2^31 (checked on the host).
+  const int n = gw < p.tokens ? static_cast<int>(static_cast<uint32_t>(p.tokens - 1 - gw) /
+                                                 static_cast<uint32_t>(p.warps)) + 1
+                              : 0;
+  const __nv_bfloat16* rows = p.kv_a + gw * p.kv_stride;
+  const int64_t row_step = p.warps * p.kv_stride;  // elements from one of this warp's rows to the next
   const uint64_t pol = evict_first_policy();
   uint8_t(*const stages)[kRowBytes] = ring[warp];
 
@@ -263,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
   auto issue_next = [&] {
     if (issued < n) {
       const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(stages[issued & (kStages - 1)]));
-      issue_row(dst, rows + issued * p.kv_stride, lane, pol);
+      issue_row(dst, rows + issued * row_step, lane, pol);
     }
     cp_async_commit();
     ++issued;
@@ -276,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
   // fit in memory) and the per-token shuffles are single.
   int pos = 0, slot = -1;
   if (lane < n) {
-    const int64_t t = begin + lane;
+    const int64_t t = gw + lane * p.warps;
     pos = static_cast<int>(clamp_position(load_index(p.positions, t * p.pos_stride, p.pos64), p.max_pos));
     // Slots past the cache are caller errors the value checks report; with them off, skip rather than write out of
     // bounds.
@@ -303,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
     const int slot_k = __shfl_sync(kFull, slot, k);
     cp_async_wait<kStages - 1>();  // row k has landed (this lane's part, which is all it reads)
     const TokenLoads x = read_stage(stages[k & (kStages - 1)], lane);
-    process_token<kFp8, kNormed>(p, x, wt, cosv, sinv, slot_k, begin + k, lane);
+    process_token<kFp8, kNormed>(p, x, wt, cosv, sinv, slot_k, gw + k * p.warps, lane);
     cosv = cos_next;
     sinv = sin_next;
   }
@@ -323,17 +334,16 @@ void launch_kernel(const Params& p, int device, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
     cached[dev] = std::max(n, 1);
   }
-  // One wave of resident warps, each owning T / warps consecutive tokens (+1 for the first T % warps), so all warps
-  // finish together; past 32 tokens per warp, whole extra waves of equal size. Below one warp per token, one token
-  // per warp (the trailing warps of the last CTA get none).
+  // One wave of resident warps, warp w taking every warps-th token from w (T / warps of them, +1 for the first
+  // T % warps), so all warps finish together; past 32 tokens per warp, whole extra waves of equal size. Below one
+  // warp per token, one token per warp (the trailing warps of the last CTA get none).
   const int64_t resident = static_cast<int64_t>(cached[dev]) * sm_count(device) * kWarps;
   const int64_t waves = (p.tokens + kMaxPerWarp * resident - 1) / (kMaxPerWarp * resident);
   const int64_t want = std::min(p.tokens, resident * waves);
   const int64_t blocks = (want + kWarps - 1) / kWarps;
   const int64_t warps = blocks * kWarps;
   Params q = p;
-  q.per_warp = p.tokens / warps;  // <= 32: warps >= T / 32, or warps >= T
-  q.extra = p.tokens % warps;
+  q.warps = warps;  // ceil(T / warps) <= 32: warps >= T / 32, or warps >= T
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
