@@ -404,9 +404,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // also publishes the barrier initialisation
   // The peer's barriers must be initialised before this CTA's multicasts or remote arrivals reach them.
   if constexpr (kCluster > 1) cluster_sync();
-  const int num_units = s_unit[kMaxExperts];
   const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
-  const int first_unit = kCluster > 1 ? static_cast<int>(cluster_id_x()) : static_cast<int>(blockIdx.x);
+  // The tile loops' bounds are read afresh where they are used (asm volatile / a volatile shared-memory load: not
+  // merged with a read before the role split). Carried across the role split and setmaxnreg, the tile counter and
+  // the unit count were kept in local memory by ptxas: an LDL at the head of every tile's decode (its critical path)
+  // and LDL (+ STL) at the end of every tile, which the ncu run on main showed waiting ~580 cycles per tile
+  // (long_scoreboard: L1 is mostly carved out as shared memory).
+  auto num_units = [&] { return *reinterpret_cast<const volatile int*>(s_unit + kMaxExperts); };
+  auto first_unit = [] {
+    uint32_t r;
+    if constexpr (kCluster > 1) r = cluster_id_x();
+    else asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(r));
+    return static_cast<int>(r);
+  };
   const int unit_stride = kCluster > 1 ? static_cast<int>(num_clusters_x()) : static_cast<int>(gridDim.x);
 
   if (warp >= kConsumerWarps) {
@@ -447,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       uint32_t uses = 0;
-      for (int t = first_unit; t < num_units; t += unit_stride) {
+      for (int t = first_unit(); t < num_units(); t += unit_stride) {
         const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
         if (!tile.has_n) continue;  // exactly the tiles where the consumers stage nothing
         const bool half = tile.kind == kHalfTile, full = tile.kind == kFullTile;
@@ -474,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         phase ^= 1;
       }
     };
-    for (int t = first_unit; t < num_units; t += unit_stride) {
+    for (int t = first_unit(); t < num_units(); t += unit_stride) {
       const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
       // A tile whose valid rows fit in 64 loads only those 64 A rows (both consumer warpgroups read them); a tail
       // pair loads them and two n-blocks of B.
@@ -709,7 +719,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using HalfN = integral_constant<int, BN / 2>;
   const int row_wg = frag_row - 64 * wg;  // fragment row of a tile whose warpgroups share the 64 A rows
 
-  for (int t = first_unit; t < num_units; t += unit_stride) {
+  for (int t = first_unit(); t < num_units(); t += unit_stride) {
     const Tile tile = decode_tile<BN, kCluster, kTwoN>(t, rank, s_first, s_m, s_unit, p.n_tiles, p.pair_m);
     if (!tile.has_n) {
       // This CTA has no tile in its cluster unit: release every stage unread. Waiting for it first keeps this warp's
