@@ -36,6 +36,10 @@ are drained (wait<0>): ~80% of the FP8 tensor rate is the practical top for this
     Sixth session: the V2 shapes at 4096 tokens were DRAM-bound (weights read twice: a tail tile ran ahead of the
     full tile sharing its B tile); tail pairs (an expert's <= 64-row tail over two n-blocks, scheduled with the full
     tiles, DSV2_FP8_GEMM_TWON) predicted 700-800 / 720-800, measured 733-745 / 692-741.
+    Seventh session: split-N software-pipelined K loop (one column half's promotion under the other's wgmmas)
+    predicted V2-Lite 990-1060 / 880-970, measured 920-923 / 820-845 (ptxas overlapped only one wgmma per promotion
+    and each warpgroup's queue drained twice per K block); tile counter kept in registers: V2-Lite unchanged
+    (909-913 / 826-847), V2 834-835 / 747-748 (gate_up balanced / skewed), 729-747 (down).
   * masked, 1-64 rows per expert: a weight stream with ~16-40 K blocks per tile; per-tile overhead (group switch:
     TMA descriptor update, epilogue) ~1-2 us against ~10 us of streaming at 25 GB/s per SM: ~2.6-3.1 TB/s of weights
     (62-74% of the copy ceiling), below the 3.3 TB/s bar; flat from 1 to 64 rows (the tile is 128 rows either way).
