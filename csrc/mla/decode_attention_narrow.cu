@@ -150,15 +150,28 @@ __device__ __forceinline__ void quad_column_max(const float (&s)[kN / 2], float 
   }
 }
 
-// Per column of this thread: the sum of its partial row sums l over the 8 lanes of its quad.
-template <int kN>
-__device__ __forceinline__ void quad_column_sum(const float (&l)[kN / 4], float (&t)[kN / 4]) {
+// A sequence's row sums at its last tile, per column: each thread's partial sums l over the 8 lanes of its quad, the
+// warp's result into its kN slice of red_l (`col(jj)`: the column of this thread's jj-th value), then named barrier
+// 2 of the warpgroup's 128 threads; warpgroup_column_sum then gives any column's total over the 4 warps.
+template <int kN, typename Col>
+__device__ __forceinline__ void publish_column_sums(const float (&l)[kN / 4], float* red_l, int warp, int lane,
+                                                    Col col) {
+  float t[kN / 4];
 #pragma unroll
   for (int jj = 0; jj < kN / 4; ++jj) {
     t[jj] = l[jj];
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) t[jj] += __shfl_xor_sync(0xffffffffu, t[jj], off);
   }
+  if (lane < 4) {
+#pragma unroll
+    for (int jj = 0; jj < kN / 4; ++jj) red_l[warp * kN + col(jj)] = t[jj];
+  }
+  named_bar_sync<128>(2);
+}
+template <int kN>
+__device__ __forceinline__ float warpgroup_column_sum(const float* red_l, int c) {
+  return (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
 }
 
 // O^T *= a per column (this thread's kN / 4 columns), skipped when every factor of the warp is exactly 1 (the usual
@@ -351,18 +364,12 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
         for (int jj = 0; jj < kCols; ++jj) s_alpha[col(jj)] = a[jj];
       }
       if (last) {  // the sequence's row sums over all 64 x (its tiles) tokens, and its max, for the output
-        float t[kCols];
-        quad_column_sum<kN>(l, t);
-        if (lane < 4) {
-#pragma unroll
-          for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
-        }
-        named_bar_sync<128>(2);
+        publish_column_sums<kN>(l, red_l, warp, lane, col);
         if (warp == 0 && lane < 4) {
 #pragma unroll
           for (int jj = 0; jj < kCols; ++jj) {
             const int c = col(jj);
-            s_l[c] = (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
+            s_l[c] = warpgroup_column_sum<kN>(red_l, c);
             s_m[c] = m[jj];
           }
         }
@@ -677,13 +684,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
       for (int jj = 0; jj < kCols; ++jj) s_alpha[st * kN + col(jj)] = a[jj] * ratio;
     }
     if (last) {  // the sequence's row sums over all its tokens: output factor sigma / l for the value warpgroup, lse
-      float t[kCols];
-      quad_column_sum<kN>(l, t);
-      if (lane < 4) {
-#pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) red_l[warp * kN + col(jj)] = t[jj];
-      }
-      named_bar_sync<128>(2);
+      publish_column_sums<kN>(l, red_l, warp, lane, col);
       if (warp == 0 && lane < 4) {
         const float sigma = __int_as_float((127 - 14 + sig_e) << 23);
         const int ns = __ldg(p.nsplit + cur.b);
@@ -691,7 +692,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
 #pragma unroll
         for (int jj = 0; jj < kCols; ++jj) {
           const int c = col(jj);
-          const float lc = (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
+          const float lc = warpgroup_column_sum<kN>(red_l, c);
           s_out[st * kN + c] = lc > 0.f ? sigma / lc : 0.f;
           if (c >= p.rows) continue;
           const float lse = lc > 0.f ? m[jj] * 0.69314718055994531f + logf(lc) : (ns == 1 ? INFINITY : -INFINITY);
