@@ -174,6 +174,28 @@ __device__ __forceinline__ float warpgroup_column_sum(const float* red_l, int c)
   return (red_l[c] + red_l[kN + c]) + (red_l[2 * kN + c] + red_l[3 * kN + c]);
 }
 
+// Column c of this thread's O^T (dims d0 + 64 mb and d0 + 64 mb + 8, mb < kMB; o[mb][i0] and o[mb][i0 + 2]) times
+// `inv` into sequence b's output: bf16 when the sequence has one split, else the fp32 partial of split `slot`.
+template <int kN, int kMB>
+__device__ __forceinline__ void store_o_column(const DecodeParams& p, const float (&o)[kMB][kN / 2], int i0,
+                                               float inv, int b, int c, int d0, bool single, int64_t slot) {
+  if (single) {
+    __nv_bfloat16* dst = p.out + (static_cast<int64_t>(b) * p.rows + c) * kVDim + d0;
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      dst[64 * mb] = __float2bfloat16_rn(o[mb][i0] * inv);
+      dst[64 * mb + 8] = __float2bfloat16_rn(o[mb][i0 + 2] * inv);
+    }
+  } else {
+    float* dst = p.o_part + (slot * p.rows + c) * kVDim + d0;
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      dst[64 * mb] = o[mb][i0] * inv;
+      dst[64 * mb + 8] = o[mb][i0 + 2] * inv;
+    }
+  }
+}
+
 // O^T *= a per column (this thread's kN / 4 columns), skipped when every factor of the warp is exactly 1 (the usual
 // case once a sequence's column maxima stopped moving); called warp-uniformly.
 template <int kN, int kMB>
@@ -417,23 +439,13 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
         const int d0 = wg * 256 + t_lo;  // dims d0 + 64 mb + 8 h
         const int i0 = 4 * (jj >> 1) + (jj & 1);
         if (ns == 1) {
-          __nv_bfloat16* dst = p.out + (static_cast<int64_t>(cur.b) * p.rows + c) * kVDim + d0;
-#pragma unroll
-          for (int mb = 0; mb < 4; ++mb) {
-            dst[64 * mb] = __float2bfloat16_rn(o[mb][i0] * inv);
-            dst[64 * mb + 8] = __float2bfloat16_rn(o[mb][i0 + 2] * inv);
-          }
+          store_o_column<kN, 4>(p, o, i0, inv, cur.b, c, d0, true, slot);
           if (wg == 0 && warp == 0 && lane < 4) {
             const int i = c / p.heads, h = c - i * p.heads;
             p.lse[(static_cast<int64_t>(cur.b) * p.heads + h) * p.s_q + i] = lse;
           }
         } else {
-          float* dst = p.o_part + (slot * p.rows + c) * kVDim + d0;
-#pragma unroll
-          for (int mb = 0; mb < 4; ++mb) {
-            dst[64 * mb] = o[mb][i0] * inv;
-            dst[64 * mb + 8] = o[mb][i0 + 2] * inv;
-          }
+          store_o_column<kN, 4>(p, o, i0, inv, cur.b, c, d0, false, slot);
           if (wg == 0 && warp == 0 && lane < 4) p.lse_part[slot * p.rows + c] = lse;
         }
       }
@@ -759,21 +771,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
         const int c = col(jj);
         if (c >= p.rows) continue;
         const int i0 = 4 * (jj >> 1) + (jj & 1);  // dims t_lo + 64 mb (+ 8)
-        if (ns == 1) {
-          __nv_bfloat16* dst = p.out + (static_cast<int64_t>(cur.b) * p.rows + c) * kVDim + t_lo;
-#pragma unroll
-          for (int mb = 0; mb < 8; ++mb) {
-            dst[64 * mb] = __float2bfloat16_rn(o[mb][i0] * inv[jj]);
-            dst[64 * mb + 8] = __float2bfloat16_rn(o[mb][i0 + 2] * inv[jj]);
-          }
-        } else {
-          float* dst = p.o_part + (slot * p.rows + c) * kVDim + t_lo;
-#pragma unroll
-          for (int mb = 0; mb < 8; ++mb) {
-            dst[64 * mb] = o[mb][i0] * inv[jj];
-            dst[64 * mb + 8] = o[mb][i0 + 2] * inv[jj];
-          }
-        }
+        store_o_column<kN, 8>(p, o, i0, inv[jj], cur.b, c, t_lo, ns == 1, slot);
       }
       split = 0;
     }
