@@ -8,9 +8,9 @@
 //
 // * One warp per token (lane l holds c vectors l and l + 32, 16 bytes = 8 values each, so each warp access covers
 //   512 contiguous bytes, and k_pe pair l with its cos and sin); the sum of squares is a shuffle reduction, the
-//   e4m3 amaxes one REDUX each. Warps are otherwise independent: the only CTA barrier is the one after the weight (as fp32) is put in
-//   shared memory at the start, read back per token with conflict-free 16-byte loads rather than held in 16
-//   registers per lane (which would cost the occupancy below).
+//   e4m3 amaxes one REDUX each. Warps are otherwise independent: the only CTA barrier is the one after the weight
+//   (as fp32) is put in shared memory at the start, read back per token with conflict-free 16-byte loads rather than
+//   held in 16 registers per lane (which would cost the occupancy below).
 // * Exactly one wave: the grid is the resident capacity (4 CTAs x 8 warps per SM at <= 64 registers), and with W
 //   warps in all, warp w takes tokens w, w + W, w + 2W, ... (at most 32; more waves beyond that), so at T = 8192
 //   every SM has ~62 tokens and every warp 1-2. Interleaved rather than contiguous runs: at any moment the W live
@@ -24,8 +24,9 @@
 //   refilled only in the iteration after the one that consumed it. kv_a is read with an L2 evict-first policy
 //   (read once), leaving the L2 to the cos/sin table, the indices and the cache rows just written.
 // * Index loads are hoisted: lane j loads positions / slot_mapping of the warp's token j once, up front (one load
-//   each, 32 sectors per warp once: negligible), already clamped / validated to 32-bit; each token then gets them with a shuffle. The
-//   cos/sin row of token k + 1 is loaded (L2) while token k is processed, so the per-token chain is just the row.
+//   each, 32 sectors per warp once: negligible), already clamped / validated to 32-bit; each token then gets them
+//   with a shuffle. The cos/sin row of token k + 1 is loaded (L2) while token k is processed, so the per-token chain
+//   is just the row.
 //   kv_a is read even for a token whose slot is skipped (padding is rare, and gating the loads would add a round
 //   trip).
 // * Instructions: ~190 warp instructions per token for the bf16 cache, ~310 for e4m3 (two amax reductions, the

@@ -119,8 +119,8 @@ __device__ __forceinline__ void pv_narrow(float (&o)[kMB][kN / 2], uint32_t sp, 
 }
 
 // Causal / length mask of a tile's S^T (registers as described below: tokens t_lo and t_hi = t_lo + 8 of this
-// thread, its kN / 4 columns). Query row c = i * H + h sees tokens j < len - s_q + 1 + i when causal, else j < len. Masked before
-// exp: tokens past the end were zero-filled, never read, so nothing non-finite is in S.
+// thread, its kN / 4 columns). Query row c = i * H + h sees tokens j < len - s_q + 1 + i when causal, else j < len.
+// Masked before exp: tokens past the end were zero-filled, never read, so nothing non-finite is in S.
 template <int kN>
 __device__ __forceinline__ void mask_scores(float (&s)[kN / 2], const DecodeParams& p, const Cursor& cur, int t_lo,
                                             int t_hi, int quad) {
