@@ -26,8 +26,8 @@
 // Every consumer thread arrives on the e4m3 stage's empty barrier itself: one elected arrival after a __syncwarp
 // does not order the other lanes' reads of the stage before the producer's next write (racecheck found that hazard).
 // e4m3 at s_q * H <= 16 runs decode_narrow_fp8_kernel instead (bottom of the file; DSV2_DECODE_FP8_PIPE=0 for the
-// one above): f16 MMAs, two f16 stages, and fixed roles (producer / scores / values) so that conversion, S^T + softmax
-// and PV of consecutive tiles overlap.
+// one above): fixed roles (producer / scores / values) over a raw e4m3 ring, f16 MMAs with A fragments converted in
+// the consumers' registers, so that loads, S^T + softmax and PV of consecutive tiles overlap.
 
 #include <cstdlib>
 #include <cstring>
@@ -77,8 +77,8 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t ds
 }
 
 // S^T [64 x kN] (+)= K_tile[:, 16 kK0 .. 16 kK1) . Q^T over those columns, by one warpgroup (k step kk: 32 bytes into
-// column block kk / 4 of both operands). kF16: f16 operands (the pipelined e4m3 kernel).
-template <int kN, int kK0, int kK1, bool kF16 = false>
+// column block kk / 4 of both operands).
+template <int kN, int kK0, int kK1>
 __device__ __forceinline__ void qk_narrow(float (&s)[kN / 2], uint32_t q, uint32_t kv, bool accumulate) {
   fence_regs(s);
   wgmma_fence();
@@ -86,20 +86,19 @@ __device__ __forceinline__ void qk_narrow(float (&s)[kN / 2], uint32_t q, uint32
   for (int kk = kK0; kk < kK1; ++kk) {
     const uint32_t kv_off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
     const uint32_t q_off = (kk >> 2) * (kN * 128) + (kk & 3) * 32;
-    wgmma_m64nNk16_ss<kN, 0, kF16>(s, smem_desc(kv + kv_off, 16), smem_desc(q + q_off, 16),
-                                   accumulate || kk > kK0);
+    wgmma_m64nNk16_ss<kN, 0>(s, smem_desc(kv + kv_off, 16), smem_desc(q + q_off, 16), accumulate || kk > kK0);
   }
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(s);
 }
 
-// O^T[64 kMB x kN] (kMB blocks of 64 dims) += V^T . P^T: A = V dims [64 mb, 64 mb + 64) from `v` (column block mb
-// from there, tokens 16 kk.. at 2 KB per k step), B = P^T. With `restart`, O = V^T P^T instead (whatever O held is
-// discarded). kMB = 4: a warpgroup's half of the dims (bf16 / landed e4m3 kernel); 8: all of them (the pipelined e4m3
-// kernel's value warpgroup, f16 operands).
-template <int kN, int kMB = 4, bool kF16 = false>
-__device__ __forceinline__ void pv_narrow(float (&o)[kMB][kN / 2], uint32_t sp, uint32_t v, bool restart) {
+// O^T[256 x kN] (a warpgroup's 4 blocks of 64 dims) += V^T . P^T: A = V dims [64 mb, 64 mb + 64) from `v` (column
+// block mb from there, tokens 16 kk.. at 2 KB per k step), B = P^T. With `restart`, O = V^T P^T instead (whatever O
+// held is discarded).
+template <int kN>
+__device__ __forceinline__ void pv_narrow(float (&o)[4][kN / 2], uint32_t sp, uint32_t v, bool restart) {
+  constexpr int kMB = 4;
 #pragma unroll
   for (int mb = 0; mb < kMB; ++mb) fence_regs(o[mb]);
   wgmma_fence();
@@ -109,8 +108,8 @@ __device__ __forceinline__ void pv_narrow(float (&o)[kMB][kN / 2], uint32_t sp, 
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
     for (int mb = 0; mb < kMB; ++mb)
-      wgmma_m64nNk16_ss<kN, 1, kF16>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
-                                     smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
+      wgmma_m64nNk16_ss<kN, 1>(o[mb], smem_desc(v + mb * kColBlockBytes + kk * 2048, kColBlockBytes),
+                               smem_desc(sp + kk * 32, 16), kk > 0 || !restart);
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -467,18 +466,29 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 
 // ---- e4m3 cache, s_q * H <= 16: the pipelined kernel ---------------------------------------------------------------
 // The landed e4m3 path above converts into ONE bf16 stage, so the conversion of tile j waits for the PV of tile j - 1
-// and warpgroup 1 idles through S^T and the softmax: conversion, scores and values run one after the other. Here the
-// three warpgroups have fixed roles and hand tiles over through mbarriers, so that they overlap:
-//   * warpgroup 2 (producer, fp8_producer_f16): raw e4m3 half tiles (cp.async ring) -> f16 codes in TWO f16 stages
-//     (it converts tile j + 1 while the consumers work on tile j). e4m3 is a subset of f16: one exact cvt per pair,
-//     no exponent shuffling (the bf16 path's 2^-112 trick costs ~2.25 instructions per element).
-//   * warpgroup 0 (scores): S^T(j) = K Q^T (36 f16 wgmma m64nNk16), the online softmax, P^T(j) as f16 into one of two
-//     P^T slots with the per-column O rescale factor, then straight on to S^T(j + 1);
-//   * warpgroup 1 (values): O^T [512 x kN] (all 8 dim blocks, 4 kN registers per thread) *= alpha(j), += V^T(j)
-//     P^T(j) (32 wgmma), the output at a sequence's last tile.
-// mbarriers: full[s] / empty[s] of the f16 stages (producer -> both consumers; empty counts all 256 consumer threads,
+// and warpgroup 1 idles through S^T and the softmax. Here three warpgroups have fixed roles and hand tiles over through
+// mbarriers, and nothing converted goes through shared memory:
+//   * warpgroup 2 (producer, fp8_producer_raw in decode_kv.cuh): cp.async of raw e4m3 tiles into a ring of
+//     kFp8RawStages stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
+//   * warpgroup 0 (scores): K straight from the raw stage into wgmma register fragments (16-byte loads, one cvt per
+//     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64n16k16, A from registers), the online
+//     softmax, P^T(j) as f16 into one of two P^T slots with the per-column O rescale factor;
+//   * warpgroup 1 (values): V^T fragments from the same raw stage (byte interleave of token pairs, then cvt), O^T
+//     [512 x kN] *= alpha(j), += V^T(j) P^T(j) (32 wgmma), the output at a sequence's last tile.
+// Why: with a converted f16 stage every tile crossed shared memory ~4 times (raw write, raw read, f16 write, and the
+// wgmma's A reads of 20 wavefronts per m64n16k16): ~3,000 shared-memory wavefronts per 64-token tile measured
+// (ncu), ~77 % of the SM's cycles, which set the pace of all three roles. Register fragments read each raw byte once
+// per consumer: ~1,200 wavefronts per tile.
+// Dims are permuted inside the MMAs so that a thread's fragments come from whole 16-byte loads:
+//   * S^T: thread quad q holds logical k = 16 s + 2 q + {0, 1} (a0) and + 8 (a2) of k step s; those are physical
+//     c_kv dims 128 q + 4 s + {0, 1} and {2, 3} (word s % 4 of its chunk 8 q + s / 4), k_pe dims 16 q + 4 s + ... for
+//     the 4 k_pe steps. Q is stored in the same logical order (store_q_f16), so S = sum_k K_k Q_k is unchanged.
+//   * O^T: rows are dims; thread (warp w, lane group g = lane / 4) owns c_kv chunk 8 w + g (dims 16 (8 w + g) ..
+//     + 15): rows g / g + 8 of M-block b are dims 2 b / 2 b + 1 of it. The output store undoes the permutation (two
+//     16-byte stores per column instead of 16 scattered 2-byte ones).
+// mbarriers: full[s] / empty[s] of the raw stages (producer -> both consumers; empty counts all 256 consumer threads,
 // each arriving for its own reads), p_full[b] / p_empty[b] of the P^T slots (warpgroup 0 <-> 1, 128 threads each).
-// Tile k of the run uses stage k & 1 and slot k & 1; the k-th use of a barrier pair waits parity (k >> 1) & 1.
+// Tile k of the run uses raw stage k % kFp8RawStages (own stage/phase counters per role) and P^T slot k & 1.
 //
 // Numerics (f16 has 5 exponent bits, so the scales that bf16 could carry in its exponent are moved out, as powers of
 // two, into fp32 factors; every such move is exact):
@@ -486,7 +496,8 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     goes into the column's log2 softmax scale. bf16 -> f16 after the power-of-two scale is exact for every value
 //     within 2^31 of the row max (f16 keeps bf16's 8 significant bits down to 2^-17); smaller ones round to a multiple
 //     of 2^-24, i.e. an absolute error below 2^-39 of the row max: negligible next to the fp32 accumulation.
-//   * K, V: the f16 stage holds the e4m3 codes unscaled (exact); S = s_c (acc_c + r acc_pe) per token as before.
+//   * K, V: the fragments hold the e4m3 codes unscaled (exact); S = s_c acc_c + s_pe acc_pe per token (the c_kv and
+//     k_pe steps accumulate separately).
 //   * P: the PV product needs P s_c (P <= 1 after the max subtraction); per tile, sigma_t = 2^(E - 14) with
 //     E = floor(log2 max s_c over the tile's tokens), and P^T holds P s_c / sigma_t < 2^15 as f16. O^T is held in
 //     units of the last tile's sigma: alpha' = alpha sigma_{t-1} / sigma_t (a power of two: exact), the output is
@@ -496,35 +507,34 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
 //     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
 //     tolerance there.
-// Raw ring: cp.async into 3 half-tile stages (a variant loading into 3 rotating register sets instead measured
-// slower on the H200: 155 against 149 us at H = 16, s_k = 4096).
-// kN = 32 stays on the one-stage kernel: the f16 double buffer (144 KB), Q (36 KB at kN = 32) and P^T leave no room
-// for a raw ring in shared memory.
-constexpr int kRawHalves = 3;  // raw half-tile stages (or register sets) of the pipelined kernel: 1.5 tiles
+// kN = 32 stays on the one-stage kernel (its 16-row fragments and the 32-column softmax are not written here).
+constexpr int kFp8RawStages = 5;  // raw tiles in the ring: 5 x 36.5 KB next to Q and P^T
 
-// Shared memory plan (byte offsets from a 1024-aligned base): 2 f16 stages, f16 Q [kN x 576] (9 column blocks of
-// kN * 128 bytes), 2 P^T slots [kN x 64], 2 scale slots {r, s_c} per token, warpgroup 0's exchanges (column maxima
-// and tile max s_c by tile parity, row sums), per slot alpha' and output factor per column, per column softmax scale,
-// 8 mbarriers, the raw ring.
+// Shared memory plan (byte offsets from a 1024-aligned base): f16 Q [kN x 576] (9 column blocks of kN * 128 bytes,
+// logical k order), 2 P^T slots [kN x 64], the raw ring, warpgroup 0's exchanges (column maxima and tile max s_c by
+// tile parity, row sums), per slot alpha' and output factor per column, per column softmax scale, the mbarriers.
 template <int kN>
 struct NarrowFp8Smem {
   static constexpr int kQBlock = kN * 128;
-  static constexpr int kKV = 0, kQ = 2 * kTileBytes, kP = kQ + 9 * kQBlock, kScale = kP + 2 * kQBlock;
-  static constexpr int kRed = kScale + 2 * kScaleTileBytes, kRedSig = kRed + 2 * 4 * kN * 4;
+  static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + 2 * kQBlock;
+  static constexpr int kRed = kRaw + kFp8RawStages * kRawTileBytes, kRedSig = kRed + 2 * 4 * kN * 4;
   static constexpr int kRedL = kRedSig + 2 * 4 * 4, kAlpha = kRedL + 4 * kN * 4, kOut = kAlpha + 2 * kN * 4;
   static constexpr int kQScale = kOut + 2 * kN * 4, kBar = kQScale + kN * 4;
-  static constexpr int kRaw = (kBar + 8 * 8 + 127) / 128 * 128;
-  static constexpr int kBytes = kRaw + kRawHalves * kRawHalfBytes;
-  static_assert(kQ % 1024 == 0 && kP % 1024 == 0 && kQBlock % 1024 == 0 && kBar % 8 == 0,
-                "swizzled blocks need 1024-byte alignment");
+  static constexpr int kBytes = kBar + (2 * kFp8RawStages + 4) * 8;
+  static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kBar % 8 == 0,
+                "swizzled blocks need 1024-byte alignment, raw tiles 128");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
+// Register split after setmaxnreg (128 x 56 + 256 x 224 = 384 x 168): the value warpgroup holds O^T (64) and two
+// sets of V^T fragments (2 x 32) while the next k step's loads are in flight.
+constexpr int kNarrowProducerRegs = 56, kNarrowConsumerRegs = 224;
 
 // Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero), by the 128 threads of the
-// score warpgroup, 8 per row (the layout of load_rows_bf16: 16-byte segment 8 k + sub of the row into column block k)
-// in two steps: fetch_q_rows loads this thread's segments into registers (issued a tile ahead, during the previous
-// sequence's last tile, so that the load latency is not on the path), store_q_f16 scales and converts them into the
-// swizzled Q block and writes each column's log2 softmax scale times 2^-e_c into qscale.
+// score warpgroup, 8 per row (16-byte segment 8 k + sub of the row, dims 64 k + 8 sub ..) in two steps: fetch_q_rows
+// loads this thread's segments into registers (issued a tile ahead, during the previous sequence's last tile, so that
+// the load latency is not on the path), store_q_f16 scales and converts them into the swizzled Q blocks in the
+// logical k order of the S^T fragments (one f16 pair per 4-byte store) and writes each column's log2 softmax scale
+// times 2^-e_c into qscale.
 template <int kN>
 __device__ __forceinline__ void fetch_q_rows(const DecodeParams& p, int b, uint4 (&v)[kN / 16][9]) {
   const int t = threadIdx.x & 127, sub = t & 7;
@@ -541,6 +551,13 @@ __device__ __forceinline__ void fetch_q_rows(const DecodeParams& p, int b, uint4
       for (int k = 0; k < 9; ++k) v[it][k] = make_uint4(0, 0, 0, 0);
     }
   }
+}
+// Logical k (within the S^T k order) of the physical dim pair d, d + 1 (d even): c_kv d = 128 q + 4 s + 2 hi -> 16 s +
+// 8 hi + 2 q; k_pe (d >= 512) the same inside the 64-dim k_pe block with 16 q for 128 q.
+__device__ __forceinline__ int q_logical_k(int d) {
+  if (d < kVDim) return 16 * ((d >> 2) & 31) + 8 * ((d >> 1) & 1) + 2 * (d >> 7);
+  const int e = d - kVDim;
+  return kVDim + 16 * ((e >> 2) & 3) + 8 * ((e >> 1) & 1) + 2 * (e >> 4);
 }
 template <int kN>
 __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (&v)[kN / 16][9], uint32_t sq,
@@ -575,12 +592,143 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
 #pragma unroll
     for (int k = 0; k < 9; ++k) {
       const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
-      uint32_t f[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) f[q] = pack_f16x2(lo(w[q]) * up, hi(w[q]) * up);
-      st_shared_v4(sq + k * (kN * 128) + row * 128 + ((sub ^ (row & 7)) << 4), f[0], f[1], f[2], f[3]);
+      for (int x = 0; x < 4; ++x) {
+        const int lk = q_logical_k(64 * k + 8 * sub + 2 * x), blk = lk >> 6, c = (lk >> 3) & 7;
+        st_shared_b32(sq + blk * (kN * 128) + row * 128 + ((c ^ (row & 7)) << 4) + (lk & 7) * 2,
+                      pack_f16x2(lo(w[x]) * up, hi(w[x]) * up));
+      }
     }
     if (sub == 0) qscale[row] = p.scale_log2 * __int_as_float((127 - e) << 23);
+  }
+}
+
+// S^T [64 x 16] of a raw stage: acc_c over the 32 c_kv k steps, acc_pe over the 4 k_pe steps (first, so that their
+// loads start the tile), A from registers. This thread's accumulator rows are tokens t_lo, t_hi = t_lo + 8; it loads
+// 16-byte chunk `quad` of both tokens' k_pe, then c_kv chunks 8 quad + i (i = 0..7); word w of a chunk is k step 4 i
+// + w (a0 / a2: its low / high pair for t_lo, a1 / a3 for t_hi). Two fragment sets: chunk i + 1 converts while the
+// wgmmas of chunk i run (wait_group 1 before a set is rewritten); the loads run one chunk ahead.
+__device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], uint32_t sq, uint32_t raw, int t_lo,
+                                       int t_hi, int quad) {
+  uint32_t frag[2][4][4];
+  uint4 lo = ld_shared_v4(raw + kRawPeOff + t_lo * 64 + quad * 16);
+  uint4 hi = ld_shared_v4(raw + kRawPeOff + t_hi * 64 + quad * 16);
+  fence_regs(acc_c);
+  fence_regs(acc_pe);
+#pragma unroll
+  for (int i = -1; i < 8; ++i) {  // -1: the k_pe chunk
+    uint32_t(&f)[4][4] = frag[(i + 1) & 1];
+    if (i >= 1) {
+      wgmma_wait<1>();  // chunk i - 2's wgmmas, the last readers of this set, are done
+#pragma unroll
+      for (int w = 0; w < 4; ++w) mla_prefill::fence_regs_u32(f[w]);
+    }
+    const uint32_t wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint2 a = e4m3x4_to_f16x4(wl[w]), b = e4m3x4_to_f16x4(wh[w]);
+      f[w][0] = a.x;
+      f[w][1] = b.x;
+      f[w][2] = a.y;
+      f[w][3] = b.y;
+    }
+    if (i + 1 < 8) {
+      lo = ld_shared_v4(raw + raw_ckv_offset(t_lo, 8 * quad + i + 1));
+      hi = ld_shared_v4(raw + raw_ckv_offset(t_hi, 8 * quad + i + 1));
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int kk = i < 0 ? 32 + w : 4 * i + w;  // k step: column block kk / 4 of Q, 32 bytes per step
+      const uint64_t desc = smem_desc(sq + (kk >> 2) * (16 * 128) + (kk & 3) * 32, 16);
+      if (i < 0) wgmma_m64n16k16_rs_f16(acc_pe, f[w], desc, w > 0);
+      else wgmma_m64n16k16_rs_f16(acc_c, f[w], desc, i > 0 || w > 0);
+    }
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    mla_prefill::fence_regs_u32(frag[0][w]);
+    mla_prefill::fence_regs_u32(frag[1][w]);
+  }
+  fence_regs(acc_c);
+  fence_regs(acc_pe);
+}
+
+// O^T [512 x 16] (+)= V^T P^T of a raw stage, A from registers (rows permuted, see above: this thread's c_kv chunk
+// `chunk` = 8 warp + lane / 4). k step j (tokens 16 j ..): 16-byte loads of tokens 16 j + 2 quad + {0, 1, 8, 9};
+// byte 2 b (+ 1) of the token pairs {0, 1} and {8, 9} interleaved (PRMT) are fragments a0 (a1) and a2 (a3) of
+// M-block b. Two fragment sets as in qk_raw. With `restart`, O = V^T P^T (whatever O held is discarded).
+__device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t sp, uint32_t raw, int chunk, int quad,
+                                       bool restart) {
+  uint32_t frag[2][8][4];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb) fence_regs(o[mb]);
+#pragma unroll
+  for (int j = 0; j < kBlockN / 16; ++j) {
+    const int t0 = 16 * j + 2 * quad;
+    const uint4 x0 = ld_shared_v4(raw + raw_ckv_offset(t0, chunk));
+    const uint4 x1 = ld_shared_v4(raw + raw_ckv_offset(t0 + 1, chunk));
+    const uint4 x8 = ld_shared_v4(raw + raw_ckv_offset(t0 + 8, chunk));
+    const uint4 x9 = ld_shared_v4(raw + raw_ckv_offset(t0 + 9, chunk));
+    uint32_t(&f)[8][4] = frag[j & 1];
+    if (j >= 2) {
+      wgmma_wait<1>();  // k step j - 2's wgmmas, the last readers of this set, are done
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb) mla_prefill::fence_regs_u32(f[mb]);
+    }
+    const uint32_t w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
+    const uint32_t w8[4] = {x8.x, x8.y, x8.z, x8.w}, w9[4] = {x9.x, x9.y, x9.z, x9.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {  // word w: dims 4 w .. 4 w + 3 of the chunk = M-blocks 2 w, 2 w + 1
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t sel = h ? 0x7362u : 0x5140u;  // bytes {2h, 2h + 1} of both tokens, interleaved
+        const uint2 a = e4m3x4_to_f16x4(__byte_perm(w0[w], w1[w], sel));
+        const uint2 c = e4m3x4_to_f16x4(__byte_perm(w8[w], w9[w], sel));
+        f[2 * w + h][0] = a.x;
+        f[2 * w + h][1] = a.y;
+        f[2 * w + h][2] = c.x;
+        f[2 * w + h][3] = c.y;
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb)
+      wgmma_m64n16k16_rs_f16(o[mb], f[mb], smem_desc(sp + j * 32, 16), j > 0 || !restart);
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb) {
+    mla_prefill::fence_regs_u32(frag[0][mb]);
+    mla_prefill::fence_regs_u32(frag[1][mb]);
+    fence_regs(o[mb]);
+  }
+}
+
+// Column c of the pipelined kernel's O^T times `inv` (registers o[b][i0] and o[b][i0 + 2]: dims 16 chunk + 2 b and
+// + 1) into sequence b's output: bf16 (two 16-byte stores) when the sequence has one split, else the fp32 partial of
+// split `slot` (four).
+__device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const float (&o)[8][8], int i0, float inv,
+                                                   int b, int c, int chunk, bool single, int64_t slot) {
+  float v[16];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb) {
+    v[2 * mb] = o[mb][i0] * inv;
+    v[2 * mb + 1] = o[mb][i0 + 2] * inv;
+  }
+  if (single) {
+    uint4* dst = reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(b) * p.rows + c) * kVDim + 16 * chunk);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      dst[h] = make_uint4(pack_bf16x2(v[8 * h], v[8 * h + 1]), pack_bf16x2(v[8 * h + 2], v[8 * h + 3]),
+                          pack_bf16x2(v[8 * h + 4], v[8 * h + 5]), pack_bf16x2(v[8 * h + 6], v[8 * h + 7]));
+  } else {
+    float4* dst = reinterpret_cast<float4*>(p.o_part + (slot * p.rows + c) * kVDim + 16 * chunk);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) dst[h] = make_float4(v[4 * h], v[4 * h + 1], v[4 * h + 2], v[4 * h + 3]);
   }
 }
 
@@ -590,6 +738,7 @@ template <int kN>
 __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, int split,
                                                   uint32_t base, uint8_t* smem) {
   using L = NarrowFp8Smem<kN>;
+  static_assert(kN == 16, "the register-fragment S^T is written for 16 columns");
   constexpr int kCols = kN / 4;
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
   const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
@@ -599,8 +748,8 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
   float* s_out = reinterpret_cast<float*>(smem + L::kOut);
   float* s_qscale = reinterpret_cast<float*>(smem + L::kQScale);
   const uint32_t sq = base + L::kQ;
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
-                 bar_pempty = bar_full + 48;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
+                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
 
   // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
   // scale of the column's Q row (times 2^-e_c). sig_prev: E of the previous tile's sigma.
@@ -612,12 +761,13 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     qs[jj] = 0.f;
   }
   int sig_prev = 0;
+  int rs = 0, rph = 0;   // raw stage of tile k and its phase parity
   uint4 qv[kN / 16][9];  // Q of the next sequence to start, in registers
   fetch_q_rows<kN>(p, cur.b, qv);
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
-    const int st = k & 1;
+    const int st = k & 1;  // P^T slot and exchange parity
     if (first) {
       if (k > 0) named_bar_sync<128>(2);  // every warp's S^T of the previous sequence is done with Q and qscale
       store_q_f16<kN>(p, qv, sq, s_qscale);
@@ -635,23 +785,22 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
       next.advance(p);
       fetch_q_rows<kN>(p, next.b, qv);
     }
-    mbar_wait(bar_full + 8 * st, (k >> 1) & 1);
-    // {r, s_c} of this thread's two tokens (the stage's scale slot).
-    const float2* fac = reinterpret_cast<const float2*>(smem + L::kScale + st * kScaleTileBytes);
+    mbar_wait(bar_full + 8 * rs, rph);
+    const uint32_t raw = base + L::kRaw + rs * kRawTileBytes;
+    // {s_c, s_pe} of this thread's two tokens.
+    const float2* fac = reinterpret_cast<const float2*>(smem + L::kRaw + rs * kRawTileBytes + kRawScaleOff);
     const float2 f_lo = fac[t_lo], f_hi = fac[t_hi];
-    const uint32_t kv = base + L::kKV + st * kTileBytes;
-    float s[kN / 2];
+    float s[kN / 2], s_pe[kN / 2];
+    qk_raw(s, s_pe, sq, raw, t_lo, t_hi, quad);
+    // This thread's reads of the stage are done (fragments and scales in registers); the value warpgroup arrives for
+    // its own.
+    mbar_arrive(bar_empty + 8 * rs);
+    if (++rs == kFp8RawStages) {
+      rs = 0;
+      rph ^= 1;
+    }
 #pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] = 0.f;
-    qk_narrow<kN, kVDim / 16, kKvDim / 16, true>(s, sq, kv, false);  // k_pe part, then scaled by r per token
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.x : f_lo.x;
-    qk_narrow<kN, 0, kVDim / 16, true>(s, sq, kv, true);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] *= (i & 2) ? f_hi.y : f_lo.y;
-    // This thread's reads of the stage are done (its wgmma waited, the scale slot in registers); the V part is the
-    // value warpgroup's, which arrives for its own reads.
-    mbar_arrive(bar_empty + 8 * st);
+    for (int i = 0; i < kN / 2; ++i) s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
 
     mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
     // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps
@@ -659,7 +808,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     // come after named barrier 2 of tile k + 1, which every warp passes only after its reads).
     float mx[kCols];
     quad_column_max<kN>(s, mx);
-    float gmax = fmaxf(f_lo.y, f_hi.y);
+    float gmax = fmaxf(f_lo.x, f_hi.x);
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
     float* red = reinterpret_cast<float*>(smem + L::kRed) + st * 4 * kN;
@@ -682,7 +831,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     softmax_update<kN>(s, red, qs, quad, m, l, a);
     // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel, into slot st once the
     // value warpgroup is done with tile k - 2 there (parity trick: the first use of each slot passes at once).
-    const float g_lo = f_lo.y * inv_sigma, g_hi = f_hi.y * inv_sigma;
+    const float g_lo = f_lo.x * inv_sigma, g_hi = f_hi.x * inv_sigma;
     mbar_wait(bar_pempty + 8 * st, ((k >> 1) & 1) ^ 1);
     const uint32_t sp = base + L::kP + st * (kN * 128);
 #pragma unroll
@@ -731,24 +880,25 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
   using L = NarrowFp8Smem<kN>;
   constexpr int kCols = kN / 4;
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
-  const int t_lo = warp * 16 + (lane >> 2);
+  const int chunk = 8 * warp + (lane >> 2);  // this thread's 16 value dims (its O^T rows)
   auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
   const float* s_alpha = reinterpret_cast<const float*>(smem + L::kAlpha);
   const float* s_out = reinterpret_cast<const float*>(smem + L::kOut);
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
-                 bar_pempty = bar_full + 48;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
+                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
 
   float o[8][kN / 2];
 #pragma unroll
   for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+  int rs = 0, rph = 0;  // raw stage of tile k and its phase parity
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
     const int st = k & 1;
     mbar_wait(bar_pfull + 8 * st, (k >> 1) & 1);
-    mbar_wait(bar_full + 8 * st, (k >> 1) & 1);  // complete already (P^T(k) needed S^T(k)): the V tile's hand-over
+    mbar_wait(bar_full + 8 * rs, rph);  // complete already (P^T(k) needed S^T(k)): orders the V reads after the copies
     float a[kCols], inv[kCols];
 #pragma unroll
     for (int jj = 0; jj < kCols; ++jj) {
@@ -758,10 +908,14 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     // O *= alpha', skipped where it is the identity (every factor of the warp exactly 1: no column max moved and
     // sigma unchanged) or discarded (first tile: the PV restarts O).
     if (!first) rescale_o<kN>(o, a);
-    pv_narrow<kN, 8, true>(o, base + L::kP + st * (kN * 128), base + L::kKV + st * kTileBytes, first);
-    // Stage st (V) and slot st (P^T, alpha', output factors) read by this thread.
-    mbar_arrive(bar_empty + 8 * st);
+    pv_raw(o, base + L::kP + st * (kN * 128), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    // Raw stage rs (V) and slot st (P^T, alpha', output factors) read by this thread.
+    mbar_arrive(bar_empty + 8 * rs);
     mbar_arrive(bar_pempty + 8 * st);
+    if (++rs == kFp8RawStages) {
+      rs = 0;
+      rph ^= 1;
+    }
 
     if (last) {
       const int ns = __ldg(p.nsplit + cur.b);
@@ -770,8 +924,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
       for (int jj = 0; jj < kCols; ++jj) {
         const int c = col(jj);
         if (c >= p.rows) continue;
-        const int i0 = 4 * (jj >> 1) + (jj & 1);  // dims t_lo + 64 mb (+ 8)
-        store_o_column<kN, 8>(p, o, i0, inv[jj], cur.b, c, t_lo, ns == 1, slot);
+        store_o_column_raw(p, o, 4 * (jj >> 1) + (jj & 1), inv[jj], cur.b, c, chunk, ns == 1, slot);
       }
       split = 0;
     }
@@ -785,8 +938,8 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16, bar_pfull = bar_full + 32,
-                 bar_pempty = bar_full + 48;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
+                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
 
   // Programmatic dependent of the metadata kernel, as the other decode kernels: no global access above.
   griddep_wait();
@@ -796,9 +949,12 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   if (count <= 0) return;
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int st = 0; st < 2; ++st) {
+    for (int st = 0; st < kFp8RawStages; ++st) {
       mla_prefill::mbar_init(bar_full + 8 * st, 128);
       mla_prefill::mbar_init(bar_empty + 8 * st, kThreads);
+    }
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
       mla_prefill::mbar_init(bar_pfull + 8 * st, 128);
       mla_prefill::mbar_init(bar_pempty + 8 * st, 128);
     }
@@ -808,15 +964,14 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
 
   Cursor cur;
   cur.set(p, sched.x, sched.y);
-  // No setmaxnreg: 384 threads get 168 registers each, more than any role needs (the value warpgroup's O^T is 64).
   const int wg = threadIdx.x >> 7;
   if (wg == 2) {
-    fp8_producer_f16<kRawHalves>(p, cur, count, base + L::kRaw, base + L::kKV, base + L::kScale, bar_full,
-                                 bar_empty);
-  } else if (wg == 0) {
-    narrow_fp8_scores<kN>(p, cur, count, sched.w, base, smem);
+    mla_prefill::setmaxnreg_dec<kNarrowProducerRegs>();
+    fp8_producer_raw<kFp8RawStages>(p, cur, count, base + L::kRaw, bar_full, bar_empty);
   } else {
-    narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
+    mla_prefill::setmaxnreg_inc<kNarrowConsumerRegs>();
+    if (wg == 0) narrow_fp8_scores<kN>(p, cur, count, sched.w, base, smem);
+    else narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
   }
 }
 

@@ -147,6 +147,13 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr)
+               : "memory");
+  return v;
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -237,46 +244,53 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// D[64 x N] (+)= A[64 x 16] * B[16 x N] for the narrow decode kernels (N = 16 or 32 query rows), both operands in
-// shared memory, B K-major; A K-major (kTransA = 0: the K tile for S^T = K Q^T) or MN-major (kTransA = 1: the V tile
-// read as V^T for O^T = V^T P^T). Inputs bf16, or f16 with kF16 (the pipelined e4m3 kernel: e4m3 codes are exact
-// f16 values); fp32 accumulation either way.
-#define DSV2_WGMMA_M64N16K16(TYPE)                                                      \
-  asm volatile(                                                                        \
-      "{\n.reg .pred p;\n"                                                             \
-      "setp.ne.b32 p, %10, 0;\n"                                                       \
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {"                 \
-      "%0, %1, %2, %3, %4, %5, %6, %7"                                                 \
-      "}, %8, %9, p, 1, 1, %11, 0;\n}\n"                                                \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA))
-#define DSV2_WGMMA_M64N32K16(TYPE)                                                              \
-  asm volatile(                                                                                \
-      "{\n.reg .pred p;\n"                                                                     \
-      "setp.ne.b32 p, %18, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {"                         \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                   \
-      "}, %16, %17, p, 1, 1, %19, 0;\n}\n"                                                      \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA))
-template <int kTransA, bool kF16 = false>
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] for the narrow decode kernels (N = 16 or 32 query rows), bf16, both operands
+// in shared memory, B K-major; A K-major (kTransA = 0: the K tile for S^T = K Q^T) or MN-major (kTransA = 1: the V
+// tile read as V^T for O^T = V^T P^T); fp32 accumulation.
+template <int kTransA>
 __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  if constexpr (kF16) DSV2_WGMMA_M64N16K16("f16");
-  else DSV2_WGMMA_M64N16K16("bf16");
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
 }
-template <int kTransA, bool kF16 = false>
+template <int kTransA>
 __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  if constexpr (kF16) DSV2_WGMMA_M64N32K16("f16");
-  else DSV2_WGMMA_M64N32K16("bf16");
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, %19, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA));
 }
-#undef DSV2_WGMMA_M64N16K16
-#undef DSV2_WGMMA_M64N32K16
-template <int kN, int kTransA, bool kF16 = false>
+template <int kN, int kTransA>
 __device__ __forceinline__ void wgmma_m64nNk16_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   static_assert(kN == 16 || kN == 32, "narrow wgmma: N = 16 or 32");
-  if constexpr (kN == 16) wgmma_m64n16k16_ss<kTransA, kF16>(d, desc_a, desc_b, scale_d);
-  else wgmma_m64n32k16_ss<kTransA, kF16>(d, desc_a, desc_b, scale_d);
+  if constexpr (kN == 16) wgmma_m64n16k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
+  else wgmma_m64n32k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
+}
+
+// D[64 x 16] (+)= A[64 x 16] * B[16 x 16], f16 in, fp32 accumulation; A from registers (four f16x2 per thread in the
+// fragment layout a0 = (row r, k 2q..2q+1), a1 = (r + 8, same k), a2 = (r, k + 8), a3 = (r + 8, k + 8), r = 16 warp
+// + lane / 4, q = lane % 4), B K-major in shared memory. The pipelined e4m3 kernel: its fragments are e4m3 codes
+// converted in registers (exact in f16).
+__device__ __forceinline__ void wgmma_m64n16k16_rs_f16(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
+                                                       int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
 
 }  // namespace mla_decode

@@ -1,7 +1,8 @@
 // KV-side device pieces shared by the two MLA decode kernels (decode_attention.cu: 64 query rows per CTA;
 // decode_attention_narrow.cu: H * s_q <= 32 rows, transposed MMAs): the run cursor over a CTA part's tiles, the paged
-// row lookup, the bf16 tile and Q loads into the swizzled shared layout, and the e4m3 producer warpgroup that streams
-// raw rows and converts them into bf16 stages (see decode_attention.cu for the scale folding it relies on).
+// row lookup, the bf16 tile and Q loads into the swizzled shared layout, the e4m3 producer warpgroups that stream raw
+// rows and convert them into bf16 stages (see decode_attention.cu for the scale folding they rely on), and the raw-ring
+// producer of the pipelined narrow e4m3 kernel (its consumers convert in registers).
 #pragma once
 
 #include "decode_common.cuh"
@@ -161,17 +162,13 @@ __device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h,
 // Converted half-tile into the swizzled bf16 stage: 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and
 // 2 sub + 1 of column block k. A warp covers 8 consecutive rows: each 8-lane phase writes two rows x 4 even (or odd)
 // chunks, 8 distinct 16-byte bank groups after the swizzle.
-// kF16 (the pipelined narrow kernel): the stage holds the e4m3 codes as f16 (exact, unscaled) and the scale slot
-// {r, s_c} (no 2^56: nothing to undo).
-template <bool kF16 = false>
 __device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
   const uint32_t r = dst + row * 128;
   const int x = row & 7;
-  auto cvt = [](uint32_t w) { return kF16 ? e4m3x4_to_f16x4(w) : e4m3x4_to_bf16x4_pow2(w); };
 #pragma unroll
   for (int k = 0; k < 9; ++k) {
-    const uint2 a = cvt(h.w[k].x), b = cvt(h.w[k].y);
-    const uint2 c = cvt(h.w[k].z), d = cvt(h.w[k].w);
+    const uint2 a = e4m3x4_to_bf16x4_pow2(h.w[k].x), b = e4m3x4_to_bf16x4_pow2(h.w[k].y);
+    const uint2 c = e4m3x4_to_bf16x4_pow2(h.w[k].z), d = e4m3x4_to_bf16x4_pow2(h.w[k].w);
     st_shared_v4(r + k * kColBlockBytes + (((2 * sub) ^ x) << 4), a.x, a.y, b.x, b.y);
     st_shared_v4(r + k * kColBlockBytes + (((2 * sub + 1) ^ x) << 4), c.x, c.y, d.x, d.y);
   }
@@ -179,8 +176,7 @@ __device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, u
     // Scales are positive by construction (amax floored); a zero c_kv scale (not a cache the writer produces)
     // gives r = 0 rather than inf.
     const float rr = h.sc.x > 0.f ? h.sc.y / h.sc.x : 0.f;
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr),
-                 "f"(kF16 ? h.sc.x : h.sc.x * kPow56)
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr), "f"(h.sc.x * kPow56)
                  : "memory");
   }
 }
@@ -256,12 +252,8 @@ __device__ __forceinline__ void issue_fp8_raw(const DecodeParams& p, const Curso
   }
 }
 
-// This thread's half-row of a landed raw stage into registers (the Fp8Half that store_fp8_half converts); the stage's
-// scales start `rows_bytes` into it (kRawRowsBytes: a whole tile; kRawHalfRowsBytes: a half tile). Only sub 0 uses
-// the scales; `scales` false skips the read (the f16 producer: the scales were copied by sub 0's cp.async, which the
-// other threads' wait_group does not cover).
-__device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, int sub,
-                                             int rows_bytes = kRawRowsBytes, bool scales = true) {
+// This thread's half-row of a landed raw stage into registers (the Fp8Half that store_fp8_half converts).
+__device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, int sub) {
   const uint32_t src = raw + row * kKvDim + sub * 16;
 #pragma unroll
   for (int k = 0; k < 9; ++k)
@@ -269,13 +261,8 @@ __device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, 
                  : "=r"(h.w[k].x), "=r"(h.w[k].y), "=r"(h.w[k].z), "=r"(h.w[k].w)
                  : "r"(src + k * 64)
                  : "memory");
-  if (scales)
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                 : "=f"(h.sc.x), "=f"(h.sc.y)
-                 : "r"(raw + rows_bytes + row * 8)
-                 : "memory");
-  else
-    h.sc = make_float2(0.f, 0.f);
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(h.sc.x), "=f"(h.sc.y) : "r"(raw + kRawRowsBytes + row * 8)
+               : "memory");
 }
 
 // The narrow kernel's producer loop with kRaw raw stages at raw0 (kRawStageBytes apart) and ONE bf16 stage at kv0
@@ -323,92 +310,84 @@ __device__ __forceinline__ void fp8_producer_ring(const DecodeParams& p, Cursor 
   cp_async_wait<0>();  // only empty groups can be left; keeps the exit free of pending copies
 }
 
-// ---- e4m3 cache: producer into two f16 stages (pipelined narrow kernel, decode_narrow_fp8_kernel) ----------------
-// Raw stages of half a tile (32 rows + their 32 scale pairs): the f16 double buffer and Q leave room for 1.5 raw
-// tiles only, and half-tile stages keep 1.5 tiles in flight where whole ones would keep 1.
-constexpr int kRawHalfRowsBytes = 32 * kKvDim;                          // 18,432
-constexpr int kRawHalfBytes = kRawHalfRowsBytes + 32 * 2 * 4;           // + 256 B of scales
-static_assert(kRawHalfBytes % 128 == 0, "raw half stages stay 128-byte aligned");
+// ---- e4m3 cache: raw ring of the pipelined narrow kernel (decode_narrow_fp8_kernel) -----------------------------
+// Its consumers read the e4m3 codes straight from shared memory into wgmma register fragments (no converted copy), so
+// a stage is one raw tile laid out for their loads: c_kv [64 tokens x 512 B] with each token's 16-byte chunks
+// permuted inside their 128-byte group (raw_ckv_offset), k_pe [64 x 64 B] row-major, the 64 {s_c, s_pe} pairs.
+constexpr int kRawPeOff = kBlockN * kVDim;                  // 32,768
+constexpr int kRawScaleOff = kRawPeOff + kBlockN * 64;      // + 4,096
+constexpr int kRawTileBytes = kRawScaleOff + kBlockN * 8;   // + 512 = 37,376
+static_assert(kRawTileBytes % 128 == 0, "raw tiles stay 128-byte aligned (the bank analysis below assumes it)");
 
-// Cache rows of this thread's two rows (row, row + 32) of the tile at cursor c, kNoRow past the sequence end.
-// Branch-free (both block-table loads in flight together), resolved one issue ahead so that their latency falls
-// into a conversion instead of in front of the copies.
-__device__ __forceinline__ void fp8_tile_rows(const DecodeParams& p, const Cursor& c, int row, uint32_t (&rows)[2]) {
-  int64_t cr[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) cr[h] = cache_row(p, c.b, min(c.t * kBlockN + row + 32 * h, c.len - 1));
-#pragma unroll
-  for (int h = 0; h < 2; ++h) rows[h] = c.t * kBlockN + row + 32 * h < c.len ? static_cast<uint32_t>(cr[h]) : kNoRow;
+// Byte offset of c_kv chunk c (dims 16 c ..) of token t in a raw tile. Inside each 128-byte group (8 chunks, one per
+// 16-byte bank group) the chunk position is XORed with h(t, c / 8), chosen so that each 8-lane shared-memory phase of
+// the three access patterns touches 8 distinct bank groups: the producer's copies (8 lanes = the 8 chunks of one
+// group of one token: any XOR works), the scores warpgroup's K loads (tokens t, t + 1 with t even x the 4 groups, same
+// chunk position: h covers t & 1 and the group) and the value warpgroup's V loads (4 tokens of one parity, 2 apart x
+// 2 adjacent chunks of one group: h covers bits 1-2 of t).
+__device__ __forceinline__ uint32_t raw_ckv_offset(int t, int c) {
+  const int h = ((((c >> 3) ^ (t >> 1)) & 3) << 1) | (t & 1);
+  return t * kVDim + (((c & ~7) | ((c & 7) ^ h)) << 4);
 }
 
-// This thread's share of one half tile (cache row `crow`, kNoRow: zero-filled without a read) into a raw half stage:
-// 16-byte chunk `sub` of each 64-byte group, plus the scales (sub 0). The same bytes the thread later loads and
-// converts itself (load_fp8_raw), so the copies need no cross-thread hand-over. Conflict-free as issue_fp8_raw.
-__device__ __forceinline__ void issue_fp8_raw_half(const DecodeParams& p, uint32_t crow, uint32_t raw, int row,
-                                                   int sub) {
-  const bool ok = crow != kNoRow;
-  const int64_t cr = ok ? static_cast<int64_t>(crow) : 0;
-  const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
-  const uint32_t dst = raw + row * kKvDim + sub * 16;
-#pragma unroll
-  for (int k = 0; k < 9; ++k) cp_async_16(dst + k * 64, src + k * 64, ok);
-  if (sub == 0) cp_async_8(raw + kRawHalfRowsBytes + row * 8, p.kv_scale + 2 * cr, ok);
-}
-
-// The pipelined narrow kernel's producer (its 128 threads; `ld` at the run's first tile): half tile u (tile u / 2,
-// rows 32 (u & 1) ..) streams through raw half stage u % kRawHalves (cp.async, kRawHalves - 1 further halves in
-// flight), then is converted to f16 into stage (u / 2) & 1 of TWO f16 stages (kv0, kTileBytes apart; scale slots
-// {r, s_c} at scale0, kScaleTileBytes apart). With two stages the conversion of tile j + 1 overlaps the consumers'
-// work on tile j. mbarriers: empty[s] (the 256 consumer threads, each for its own reads) before the first half of a
-// tile is written (parity trick: the first use of each stage passes at once), full[s] (these 128 threads, after
-// fence.proxy.async) once both halves are in. One cp.async group per half (empty past the end), so
-// wait_group<kRawHalves - 1> always means "half u has landed". Named barrier 3 (these 128 threads) orders every
-// thread's shared loads of a raw stage before the copy that refills it.
-template <int kRawHalves>
-__device__ __forceinline__ void fp8_producer_f16(const DecodeParams& p, Cursor ld, int count, uint32_t raw0,
-                                                 uint32_t kv0, uint32_t scale0, uint32_t bar_full,
-                                                 uint32_t bar_empty) {
-  using mla_prefill::mbar_arrive;
+// The pipelined narrow kernel's producer (its 128 threads; `ld` at the run's first tile): tile j of the run into raw
+// stage j % kStages (kRawTileBytes apart from raw0) once the consumers released tile j - kStages there (empty[s]: all
+// 256 consumer threads; the parity trick lets each stage's first use pass at once), then every thread's
+// cp.async.mbarrier.arrive.noinc on full[s] (128 arrivals): the phase completes when all copies of the tile landed.
+// Quarter-warp qw = t / 8 copies tokens 4 qw .. 4 qw + 3: lane l = t % 8 chunk l of each 128-byte c_kv group (one
+// group of one token per instruction: 128 contiguous bytes in global and shared memory), 2 of the 16 k_pe chunks
+// (two adjacent tokens x 4 chunks per instruction), and (l < 4) the scales of token 4 qw + l, whose cache row lane l
+// resolved a tile ahead (one block-table load per token; the quarter-warp shares the 4 rows by shuffles). Tokens past
+// the sequence end are zero-filled without a read (scales {0, 0}).
+template <int kStages>
+__device__ __forceinline__ void fp8_producer_raw(const DecodeParams& p, Cursor ld, int count, uint32_t raw0,
+                                                 uint32_t bar_full, uint32_t bar_empty) {
+  using mla_prefill::cp_async_mbar_arrive;
   using mla_prefill::mbar_wait;
-  using mla_prefill::named_bar_sync;
-  const int t = threadIdx.x & 127, sub = t & 3, row = t >> 2;
-  const int halves = 2 * count;
-  uint32_t rows[2];
-  fp8_tile_rows(p, ld, row, rows);
-  int issued = 0, slot = 0;  // next half to issue and its raw stage
-  auto issue = [&]() {
-    issue_fp8_raw_half(p, (issued & 1) ? rows[1] : rows[0], raw0 + slot * kRawHalfBytes, row, sub);
-    if (issued & 1) {  // tile done: move to the next one and resolve its rows
-      ld.advance(p);
-      if ((issued >> 1) + 1 < count) fp8_tile_rows(p, ld, row, rows);
-    }
-    ++issued;
-    slot = slot + 1 == kRawHalves ? 0 : slot + 1;
+  const int t = threadIdx.x & 127, qw = t >> 3, l = t & 7, lane = threadIdx.x & 31;
+  // Branch-free: rows past the end look up the sequence's last token (a tile has at least one), then are dropped.
+  auto lookup = [&](const Cursor& c) {
+    const int tok = c.t * kBlockN + 4 * qw + (l & 3);
+    const int64_t cr = cache_row(p, c.b, min(tok, c.len - 1));
+    return tok < c.len ? static_cast<uint32_t>(cr) : kNoRow;
   };
+  uint32_t crow = lookup(ld);
+  int st = 0, ph = 0;
+  for (int j = 0; j < count; ++j) {
+    mbar_wait(bar_empty + 8 * st, ph ^ 1);
+    const uint32_t raw = raw0 + st * kRawTileBytes;
+    uint32_t rows[4];
 #pragma unroll
-  for (int i = 0; i < kRawHalves; ++i) {
-    if (i < halves) issue();
-    cp_async_commit();
-  }
-  Fp8Half h;
-  int cur = 0;  // raw stage of half u
-  for (int u = 0; u < halves; ++u) {
-    const int j = u >> 1, st = j & 1, half = u & 1;
-    const uint32_t raw = raw0 + cur * kRawHalfBytes;
-    cur = cur + 1 == kRawHalves ? 0 : cur + 1;
-    cp_async_wait<kRawHalves - 1>();
-    load_fp8_raw(h, raw, row, sub, kRawHalfRowsBytes, sub == 0);
-    named_bar_sync<128>(3);
-    if (issued < halves) issue();
-    cp_async_commit();
-    if (half == 0) mbar_wait(bar_empty + 8 * st, ((j >> 1) & 1) ^ 1);
-    store_fp8_half<true>(h, kv0 + st * kTileBytes, scale0 + st * kScaleTileBytes, row + 32 * half, sub);
-    if (half == 1) {
-      fence_proxy_async();  // the stores, visible to the consumers' wgmma
-      mbar_arrive(bar_full + 8 * st);
+    for (int m = 0; m < 4; ++m) rows[m] = __shfl_sync(0xffffffffu, crow, (lane & 24) + m);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const bool ok = rows[m] != kNoRow;
+      const uint8_t* src = p.kv + (ok ? static_cast<int64_t>(rows[m]) * kKvDim : 0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) cp_async_16(raw + raw_ckv_offset(4 * qw + m, 8 * u + l), src + (8 * u + l) * 16, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int m = 2 * i + (l >> 2);
+      const uint32_t r = (l >> 2) ? rows[2 * i + 1] : rows[2 * i];
+      const bool ok = r != kNoRow;
+      const uint8_t* src = p.kv + (ok ? static_cast<int64_t>(r) * kKvDim : 0) + kVDim + (l & 3) * 16;
+      cp_async_16(raw + kRawPeOff + (4 * qw + m) * 64 + (l & 3) * 16, src, ok);
+    }
+    if (l < 4) {
+      const bool ok = crow != kNoRow;
+      cp_async_8(raw + kRawScaleOff + (4 * qw + l) * 8, p.kv_scale + (ok ? 2 * static_cast<int64_t>(crow) : 0), ok);
+    }
+    cp_async_mbar_arrive(bar_full + 8 * st);
+    ld.advance(p);
+    if (j + 1 < count) crow = lookup(ld);  // its latency falls into the next empty wait
+    if (++st == kStages) {
+      st = 0;
+      ph ^= 1;
     }
   }
-  cp_async_wait<0>();  // only empty groups can be left; keeps the exit free of pending copies
+  cp_async_commit();
+  cp_async_wait<0>();  // no copy left in flight at exit
 }
 
 }  // namespace mla_decode
