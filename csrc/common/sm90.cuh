@@ -136,6 +136,16 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes)
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
+// The same K-major descriptor (LBO 16) split into its 32-bit words: desc_lo(addr) once per operand buffer, then
+// desc_of(lo + (byte_offset >> 4)) per wgmma. A k step (+32 bytes) or a column block is then one 32-bit add of a
+// compile-time constant instead of smem_desc's mask / shift / or / 64-bit pack from the address (which the compiler
+// redoes per wgmma, in uniform registers). The add cannot carry out of the 14-bit address field: shared memory
+// addresses stay below 256 KB on sm_90.
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
+  return (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32) | lo;
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

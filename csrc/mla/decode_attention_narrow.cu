@@ -607,8 +607,8 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
 // loads start the tile), A from registers. This thread's accumulator rows are tokens t_lo, t_hi = t_lo + 8; it loads
 // 16-byte chunk `quad` of both tokens' k_pe, then c_kv chunks 8 quad + i (i = 0..7); word w of a chunk is k step 4 i
 // + w (a0 / a2: its low / high pair for t_lo, a1 / a3 for t_hi). Two fragment sets: chunk i + 1 converts while the
-// wgmmas of chunk i run (wait_group 1 before a set is rewritten); the loads run one chunk ahead.
-__device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], uint32_t sq, uint32_t raw, int t_lo,
+// wgmmas of chunk i run (wait_group 1 before a set is rewritten); the loads run one chunk ahead. dq: desc_lo of Q.
+__device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], uint32_t dq, uint32_t raw, int t_lo,
                                        int t_hi, int quad) {
   uint32_t frag[2][4][4];
   uint4 lo = ld_shared_v4(raw + kRawPeOff + t_lo * 64 + quad * 16);
@@ -640,7 +640,7 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const int kk = i < 0 ? 32 + w : 4 * i + w;  // k step: column block kk / 4 of Q, 32 bytes per step
-      const uint64_t desc = smem_desc(sq + (kk >> 2) * (16 * 128) + (kk & 3) * 32, 16);
+      const uint64_t desc = sm90::desc_of(dq + (((kk >> 2) * (16 * 128) + (kk & 3) * 32) >> 4));
       if (i < 0) wgmma_m64n16k16_rs_f16(acc_pe, f[w], desc, w > 0);
       else wgmma_m64n16k16_rs_f16(acc_c, f[w], desc, i > 0 || w > 0);
     }
@@ -659,8 +659,9 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
 // O^T [512 x 16] (+)= V^T P^T of a raw stage, A from registers (rows permuted, see above: this thread's c_kv chunk
 // `chunk` = 8 warp + lane / 4). k step j (tokens 16 j ..): 16-byte loads of tokens 16 j + 2 quad + {0, 1, 8, 9};
 // byte 2 b (+ 1) of the token pairs {0, 1} and {8, 9} interleaved (PRMT) are fragments a0 (a1) and a2 (a3) of
-// M-block b. Two fragment sets as in qk_raw. With `restart`, O = V^T P^T (whatever O held is discarded).
-__device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t sp, uint32_t raw, int chunk, int quad,
+// M-block b. Two fragment sets as in qk_raw. With `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo
+// of the P^T slot (k step j: 32 bytes further).
+__device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t raw, int chunk, int quad,
                                        bool restart) {
   uint32_t frag[2][8][4];
 #pragma unroll
@@ -696,7 +697,7 @@ __device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t sp, uint32_t r
     wgmma_fence();
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb)
-      wgmma_m64n16k16_rs_f16(o[mb], f[mb], smem_desc(sp + j * 32, 16), j > 0 || !restart);
+      wgmma_m64n16k16_rs_f16(o[mb], f[mb], sm90::desc_of(dp + 2 * j), j > 0 || !restart);
     wgmma_commit();
   }
   wgmma_wait<0>();
@@ -764,6 +765,9 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
   int rs = 0, rph = 0;   // raw stage of tile k and its phase parity
   uint4 qv[kN / 16][9];  // Q of the next sequence to start, in registers
   fetch_q_rows<kN>(p, cur.b, qv);
+  // count is the same in every thread (the CTA's schedule entry), but the compiler cannot tell: through redux.sync
+  // (a uniform-register result) the loop counter, the P^T slot and the wgmma descriptors live in uniform registers.
+  count = __reduce_min_sync(0xffffffffu, count);
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
@@ -791,7 +795,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     const float2* fac = reinterpret_cast<const float2*>(smem + L::kRaw + rs * kRawTileBytes + kRawScaleOff);
     const float2 f_lo = fac[t_lo], f_hi = fac[t_hi];
     float s[kN / 2], s_pe[kN / 2];
-    qk_raw(s, s_pe, sq, raw, t_lo, t_hi, quad);
+    qk_raw(s, s_pe, sm90::desc_lo(sq), raw, t_lo, t_hi, quad);
     // This thread's reads of the stage are done (fragments and scales in registers); the value warpgroup arrives for
     // its own.
     mbar_arrive(bar_empty + 8 * rs);
@@ -893,6 +897,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
   int rs = 0, rph = 0;  // raw stage of tile k and its phase parity
+  count = __reduce_min_sync(0xffffffffu, count);  // uniform, as in narrow_fp8_scores
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
@@ -908,7 +913,8 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     // O *= alpha', skipped where it is the identity (every factor of the warp exactly 1: no column max moved and
     // sigma unchanged) or discarded (first tile: the PV restarts O).
     if (!first) rescale_o<kN>(o, a);
-    pv_raw(o, base + L::kP + st * (kN * 128), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    pv_raw(o, sm90::desc_lo(base + L::kP + st * (kN * 128)), base + L::kRaw + rs * kRawTileBytes, chunk, quad,
+           first);
     // Raw stage rs (V) and slot st (P^T, alpha', output factors) read by this thread.
     mbar_arrive(bar_empty + 8 * rs);
     mbar_arrive(bar_pempty + 8 * st);
