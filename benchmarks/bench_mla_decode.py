@@ -13,7 +13,8 @@ transposed MMAs, S^T = K Q^T and O^T = V^T P^T with N = 16 or 32, so no padded q
 kernel (csrc/mla/decode_attention.cu: warpgroup 0 Q K^T + softmax, both warpgroups P V, warpgroup 1 loading the next
 tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine are chained by programmatic launch.
 `DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs. FP8 at H * s_q <= 16 runs the narrow file's pipelined
-kernel (f16 MMAs, producer / scores / values warpgroups); `DSV2_DECODE_FP8_PIPE=0` runs the landed one-stage path.
+kernel (a cp.async-only producer filling a raw e4m3 ring; scores and values warpgroups convert into f16 wgmma register
+fragments); `DSV2_DECODE_FP8_PIPE=0` runs the one-stage path.
 
 Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tables and the misses):
 * Memory-bound bf16 (H * s_q <= 32): predicted 3.3-3.6 TB/s at s_k >= 4096 once the MMAs stop padding to 64 rows;
@@ -25,7 +26,10 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
   predicted ~1.6x bf16 tokens/s, measured 0.91-0.95x (H=16), 0.83x (H=32); H = 128 FP8 ~325-360 TFLOP/s.
   Pipelined FP8 kernel (H * s_q <= 16, sixth session): predicted ~98 us at H=16 s_k=4096 (range 90-112, ~1.65x
   bf16); measured 149 us (1.09x bf16; the one-stage kernel 170), 1.01-1.05x at s_k 1024 / 8192 / 16384. ncu: DRAM
-  35 % busy, waits on global loads dominate: too few tiles in flight (RESULTS.md, sixth session).
+  35 % busy, waits on global loads dominate: too few tiles in flight (RESULTS.md, sixth session). Eighth session:
+  that kernel was shared-memory bound (~3,000 wavefronts per tile: the converted f16 stage crossed shared memory four
+  times); rebuilt on a raw ring with the conversion in the consumers' registers, predicted 95-115 us, measured 115 us
+  (1.39x bf16 at 4096, 1.45x at 8192 / 16384, 1.23x at 1024); the scores warpgroup now sets the pace.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """
