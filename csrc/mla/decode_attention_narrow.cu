@@ -603,6 +603,17 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
   }
 }
 
+// Pins both sets of a double-buffered wgmma A fragment array (every register of it read by this point): after the
+// last wait_group of a tile, so that no register of either set is reused while a wgmma may still read it.
+template <int N>
+__device__ __forceinline__ void fence_fragment_sets(uint32_t (&f)[2][N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    mla_prefill::fence_regs_u32(f[0][i]);
+    mla_prefill::fence_regs_u32(f[1][i]);
+  }
+}
+
 // S^T [64 x 16] of a raw stage: acc_c over the 32 c_kv k steps, acc_pe over the 4 k_pe steps (first, so that their
 // loads start the tile), A from registers. This thread's accumulator rows are tokens t_lo, t_hi = t_lo + 8; it loads
 // 16-byte chunk `quad` of both tokens' k_pe, then c_kv chunks 8 quad + i (i = 0..7); word w of a chunk is k step 4 i
@@ -647,11 +658,7 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
     wgmma_commit();
   }
   wgmma_wait<0>();
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    mla_prefill::fence_regs_u32(frag[0][w]);
-    mla_prefill::fence_regs_u32(frag[1][w]);
-  }
+  fence_fragment_sets(frag);
   fence_regs(acc_c);
   fence_regs(acc_pe);
 }
@@ -701,12 +708,9 @@ __device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t r
     wgmma_commit();
   }
   wgmma_wait<0>();
+  fence_fragment_sets(frag);
 #pragma unroll
-  for (int mb = 0; mb < 8; ++mb) {
-    mla_prefill::fence_regs_u32(frag[0][mb]);
-    mla_prefill::fence_regs_u32(frag[1][mb]);
-    fence_regs(o[mb]);
-  }
+  for (int mb = 0; mb < 8; ++mb) fence_regs(o[mb]);
 }
 
 // Column c of the pipelined kernel's O^T times `inv` (registers o[b][i0] and o[b][i0 + 2]: dims 16 chunk + 2 b and
