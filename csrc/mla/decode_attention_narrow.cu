@@ -808,7 +808,8 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
       rph ^= 1;
     }
 #pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
+    for (int i = 0; i < kN / 2; ++i)
+      s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
 
     mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
     // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps
