@@ -151,10 +151,10 @@ __device__ __forceinline__ void quad_column_max(const float (&s)[kN / 2], float 
 
 // A sequence's row sums at its last tile, per column: each thread's partial sums l over the 8 lanes of its quad, the
 // warp's result into its kN slice of red_l (`col(jj)`: the column of this thread's jj-th value), then named barrier
-// 2 of the warpgroup's 128 threads; warpgroup_column_sum then gives any column's total over the 4 warps.
+// `bar` of the warpgroup's 128 threads; warpgroup_column_sum then gives any column's total over the 4 warps.
 template <int kN, typename Col>
 __device__ __forceinline__ void publish_column_sums(const float (&l)[kN / 4], float* red_l, int warp, int lane,
-                                                    Col col) {
+                                                    Col col, int bar) {
   float t[kN / 4];
 #pragma unroll
   for (int jj = 0; jj < kN / 4; ++jj) {
@@ -166,7 +166,7 @@ __device__ __forceinline__ void publish_column_sums(const float (&l)[kN / 4], fl
 #pragma unroll
     for (int jj = 0; jj < kN / 4; ++jj) red_l[warp * kN + col(jj)] = t[jj];
   }
-  named_bar_sync<128>(2);
+  named_bar_sync<128>(bar);
 }
 template <int kN>
 __device__ __forceinline__ float warpgroup_column_sum(const float* red_l, int c) {
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
         for (int jj = 0; jj < kCols; ++jj) s_alpha[col(jj)] = a[jj];
       }
       if (last) {  // the sequence's row sums over all 64 x (its tiles) tokens, and its max, for the output
-        publish_column_sums<kN>(l, red_l, warp, lane, col);
+        publish_column_sums<kN>(l, red_l, warp, lane, col, 2);
         if (warp == 0 && lane < 4) {
 #pragma unroll
           for (int jj = 0; jj < kCols; ++jj) {
@@ -471,10 +471,15 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //   * warpgroup 2 (producer, fp8_producer_raw in decode_kv.cuh): cp.async of raw e4m3 tiles into a ring of
 //     kFp8RawStages stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
 //   * warpgroup 0 (scores): K straight from the raw stage into wgmma register fragments (16-byte loads, one cvt per
-//     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64n16k16, A from registers), the online
-//     softmax, P^T(j) as f16 into one of two P^T slots with the per-column O rescale factor;
-//   * warpgroup 1 (values): V^T fragments from the same raw stage (byte interleave of token pairs, then cvt), O^T
-//     [512 x kN] *= alpha(j), += V^T(j) P^T(j) (32 wgmma), the output at a sequence's last tile.
+//     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64n16k16, A from registers), scaled per
+//     token, into one of two S slots (each thread its own 8 values and its two tokens' s_c);
+//   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into its own P^T buffer, V^T fragments from
+//     the same raw stage (byte interleave of token pairs, then cvt), O^T [512 x kN] *= alpha(j), += V^T(j) P^T(j)
+//     (32 wgmma), the output and lse at a sequence's last tile.
+// The softmax sits with the values: S^T with its K conversions is the longer half (~700 instructions per warp and
+// tile against ~390 for PV, profiled with the softmax on the scores side). The m64n16 accumulator gives thread
+// (warp w, lane) the same columns in both warpgroups, so the S slot hands each thread's registers over unchanged and
+// the softmax code is the same one, only run by warpgroup 1 (its warp exchanges on named barrier 4).
 // Why: with a converted f16 stage every tile crossed shared memory ~4 times (raw write, raw read, f16 write, and the
 // wgmma's A reads of 20 wavefronts per m64n16k16): ~3,000 shared-memory wavefronts per 64-token tile measured
 // (ncu), ~77 % of the SM's cycles, which set the pace of all three roles. Register fragments read each raw byte once
@@ -487,8 +492,9 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     + 15): rows g / g + 8 of M-block b are dims 2 b / 2 b + 1 of it. The output store undoes the permutation (two
 //     16-byte stores per column instead of 16 scattered 2-byte ones).
 // mbarriers: full[s] / empty[s] of the raw stages (producer -> both consumers; empty counts all 256 consumer threads,
-// each arriving for its own reads), p_full[b] / p_empty[b] of the P^T slots (warpgroup 0 <-> 1, 128 threads each).
-// Tile k of the run uses raw stage k % kFp8RawStages (own stage/phase counters per role) and P^T slot k & 1.
+// each arriving for its own reads), s_full[b] / s_empty[b] of the S slots (warpgroup 0 -> 1 and back, 128 threads
+// each). Tile k of the run uses raw stage k % kFp8RawStages (own stage/phase counters per role) and S slot k & 1
+// (phase parity (k >> 1) & 1), so the scores run up to two tiles ahead of the values.
 //
 // Numerics (f16 has 5 exponent bits, so the scales that bf16 could carry in its exponent are moved out, as powers of
 // two, into fp32 factors; every such move is exact):
@@ -508,21 +514,29 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
 //     tolerance there.
 // kN = 32 stays on the one-stage kernel (its 16-row fragments and the 32-column softmax are not written here).
-constexpr int kFp8RawStages = 5;  // raw tiles in the ring: 5 x 36.5 KB next to Q and P^T
+constexpr int kFp8RawStages = 5;  // raw tiles in the ring: 5 x 36.5 KB next to Q, P^T and the S slots
 
 // Shared memory plan (byte offsets from a 1024-aligned base): f16 Q [kN x 576] (9 column blocks of kN * 128 bytes,
-// logical k order), 2 P^T slots [kN x 64], the raw ring, warpgroup 0's exchanges (column maxima and tile max s_c by
-// tile parity, row sums), per slot alpha' and output factor per column, per column softmax scale, the mbarriers.
+// logical k order), P^T [kN x 64], the raw ring, 2 S slots, warpgroup 1's exchanges (column maxima, tile max s_c,
+// row sums), the per column softmax scales of store_q_f16, the mbarriers.
+// One P^T buffer and one set of exchanges suffice: warpgroup 1 passes two named barriers per tile (column maxima,
+// then P^T), and a warp writes tile k + 1's after the first of k + 1, which every warp reaches only after its reads
+// of tile k's (exchanges: before the second barrier of k; P^T: the PV wgmma of k, waited for).
+// S slot (per thread t of 128, plain vector stores in thread order, so without bank conflicts): S values 0..3 and
+// 4..7 (float4 [128] each), the columns' softmax scales (float4 [128], written at a sequence's first tile only), s_c
+// of tokens t_lo, t_hi (float2 [128]).
 template <int kN>
 struct NarrowFp8Smem {
   static constexpr int kQBlock = kN * 128;
-  static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + 2 * kQBlock;
-  static constexpr int kRed = kRaw + kFp8RawStages * kRawTileBytes, kRedSig = kRed + 2 * 4 * kN * 4;
-  static constexpr int kRedL = kRedSig + 2 * 4 * 4, kAlpha = kRedL + 4 * kN * 4, kOut = kAlpha + 2 * kN * 4;
-  static constexpr int kQScale = kOut + 2 * kN * 4, kBar = kQScale + kN * 4;
+  static constexpr int kSlotS0 = 0, kSlotS1 = 128 * 16, kSlotQs = 2 * 128 * 16, kSlotSc = 3 * 128 * 16;
+  static constexpr int kSlotBytes = kSlotSc + 128 * 8;
+  static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + kQBlock;
+  static constexpr int kS = kRaw + kFp8RawStages * kRawTileBytes, kRed = kS + 2 * kSlotBytes;
+  static constexpr int kRedSig = kRed + 4 * kN * 4, kRedL = kRedSig + 4 * 4, kQScale = kRedL + 4 * kN * 4;
+  static constexpr int kBar = kQScale + kN * 4;
   static constexpr int kBytes = kBar + (2 * kFp8RawStages + 4) * 8;
-  static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kBar % 8 == 0,
-                "swizzled blocks need 1024-byte alignment, raw tiles 128");
+  static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kS % 16 == 0 && kBar % 8 == 0,
+                "swizzled blocks need 1024-byte alignment, raw tiles 128, the S slots' vectors 16");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
 // Register split after setmaxnreg (128 x 56 + 256 x 224 = 384 x 168): the value warpgroup holds O^T (64) and two
@@ -667,7 +681,7 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
 // `chunk` = 8 warp + lane / 4). k step j (tokens 16 j ..): 16-byte loads of tokens 16 j + 2 quad + {0, 1, 8, 9};
 // byte 2 b (+ 1) of the token pairs {0, 1} and {8, 9} interleaved (PRMT) are fragments a0 (a1) and a2 (a3) of
 // M-block b. Two fragment sets as in qk_raw. With `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo
-// of the P^T slot (k step j: 32 bytes further).
+// of P^T (k step j: 32 bytes further).
 __device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t raw, int chunk, int quad,
                                        bool restart) {
   uint32_t frag[2][8][4];
@@ -737,56 +751,45 @@ __device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const 
   }
 }
 
-// Warpgroup 0 of the pipelined kernel: S^T, softmax, P^T (see above). Its own cursor over the run (as the other
-// roles'), so the three never exchange positions.
+// Warpgroup 0 of the pipelined kernel: S^T, scaled per token, into the S slots (see above). Its own cursor over the
+// run (as the other roles'), so the three never exchange positions.
 template <int kN>
-__device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, int split,
-                                                  uint32_t base, uint8_t* smem) {
+__device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, uint32_t base,
+                                                  uint8_t* smem) {
   using L = NarrowFp8Smem<kN>;
-  static_assert(kN == 16, "the register-fragment S^T is written for 16 columns");
+  static_assert(kN == 16, "the register-fragment S^T and the S slots are written for 16 columns");
   constexpr int kCols = kN / 4;
-  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
+  const int t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31, quad = lane & 3;
   const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
   auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
-  float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
-  float* s_alpha = reinterpret_cast<float*>(smem + L::kAlpha);
-  float* s_out = reinterpret_cast<float*>(smem + L::kOut);
   float* s_qscale = reinterpret_cast<float*>(smem + L::kQScale);
   const uint32_t sq = base + L::kQ;
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
+                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
 
-  // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
-  // scale of the column's Q row (times 2^-e_c). sig_prev: E of the previous tile's sigma.
-  float m[kCols], l[kCols], qs[kCols];
+  // The log2 softmax scales of this thread's columns (their Q rows' times 2^-e_c), for the S slot of a sequence's
+  // first tile: through the slot rather than qscale, which the next sequence's Q may overwrite before the value
+  // warpgroup gets to a one-tile sequence.
+  float qs[kCols];
 #pragma unroll
-  for (int jj = 0; jj < kCols; ++jj) {
-    m[jj] = -INFINITY;
-    l[jj] = 0.f;
-    qs[jj] = 0.f;
-  }
-  int sig_prev = 0;
+  for (int jj = 0; jj < kCols; ++jj) qs[jj] = 0.f;
   int rs = 0, rph = 0;   // raw stage of tile k and its phase parity
   uint4 qv[kN / 16][9];  // Q of the next sequence to start, in registers
   fetch_q_rows<kN>(p, cur.b, qv);
   // count is the same in every thread (the CTA's schedule entry), but the compiler cannot tell: through redux.sync
-  // (a uniform-register result) the loop counter, the P^T slot and the wgmma descriptors live in uniform registers.
+  // (a uniform-register result) the loop counter, the S slot and the wgmma descriptors live in uniform registers.
   count = __reduce_min_sync(0xffffffffu, count);
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
     const bool last = k == count - 1 || cur.t == cur.n - 1;
-    const int st = k & 1;  // P^T slot and exchange parity
+    const int st = k & 1;  // S slot
     if (first) {
       if (k > 0) named_bar_sync<128>(2);  // every warp's S^T of the previous sequence is done with Q and qscale
       store_q_f16<kN>(p, qv, sq, s_qscale);
       fence_proxy_async();  // Q, for this warpgroup's wgmma
       named_bar_sync<128>(2);
 #pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        qs[jj] = s_qscale[col(jj)];
-        m[jj] = -INFINITY;
-        l[jj] = 0.f;
-      }
+      for (int jj = 0; jj < kCols; ++jj) qs[jj] = s_qscale[col(jj)];
     }
     if (last && k + 1 < count) {  // the next sequence's Q, in flight during this tile
       Cursor next = cur;
@@ -811,23 +814,94 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     for (int i = 0; i < kN / 2; ++i)
       s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
 
+    // Into slot st once the value warpgroup has read tile k - 2 there (parity trick: the first use of each slot passes
+    // at once); the mask and the softmax run there, on these registers.
+    mbar_wait(bar_sempty + 8 * st, ((k >> 1) & 1) ^ 1);
+    uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
+    reinterpret_cast<float4*>(sx + L::kSlotS0)[t] = make_float4(s[0], s[1], s[2], s[3]);
+    reinterpret_cast<float4*>(sx + L::kSlotS1)[t] = make_float4(s[4], s[5], s[6], s[7]);
+    reinterpret_cast<float2*>(sx + L::kSlotSc)[t] = make_float2(f_lo.x, f_hi.x);
+    if (first) reinterpret_cast<float4*>(sx + L::kSlotQs)[t] = make_float4(qs[0], qs[1], qs[2], qs[3]);
+    mbar_arrive(bar_sfull + 8 * st);
+    cur.advance(p);
+  }
+}
+
+// Warpgroup 1 of the pipelined kernel: the online softmax of the S slots, P^T, O^T over all 512 dims, the output and
+// lse at each sequence's last tile.
+template <int kN>
+__device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor cur, int count, int split,
+                                                  uint32_t base, uint8_t* smem) {
+  using L = NarrowFp8Smem<kN>;
+  constexpr int kCols = kN / 4;
+  constexpr int kBar = 4;  // this warpgroup's named barrier (2: warpgroup 0's Q; 1 and 3: the other decode kernels)
+  const int t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31, quad = lane & 3;
+  // S^T rows of this thread's slot values (the tokens of warpgroup 0's thread t) and its 16 value dims (O^T rows).
+  const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
+  const int chunk = 8 * warp + (lane >> 2);
+  auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
+  float* red = reinterpret_cast<float*>(smem + L::kRed);
+  float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig);
+  float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
+  const uint32_t sp = base + L::kP;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
+                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
+
+  float o[8][kN / 2];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+  // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
+  // scale of the column's Q row (times 2^-e_c). sig_prev: E of the previous tile's sigma.
+  float m[kCols], l[kCols], qs[kCols];
+#pragma unroll
+  for (int jj = 0; jj < kCols; ++jj) {
+    m[jj] = -INFINITY;
+    l[jj] = 0.f;
+    qs[jj] = 0.f;
+  }
+  int sig_prev = 0;
+  int rs = 0, rph = 0;  // raw stage of tile k and its phase parity
+  count = __reduce_min_sync(0xffffffffu, count);  // uniform, as in narrow_fp8_scores
+  for (int k = 0; k < count; ++k) {
+    const bool first = k == 0 || cur.t == 0;
+    const bool last = k == count - 1 || cur.t == cur.n - 1;
+    const int st = k & 1;  // S slot
+    mbar_wait(bar_sfull + 8 * st, (k >> 1) & 1);
+    const uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
+    const float4 s0 = reinterpret_cast<const float4*>(sx + L::kSlotS0)[t];
+    const float4 s1 = reinterpret_cast<const float4*>(sx + L::kSlotS1)[t];
+    const float2 sc = reinterpret_cast<const float2*>(sx + L::kSlotSc)[t];  // s_c of tokens t_lo, t_hi
+    if (first) {
+      const float4 q = reinterpret_cast<const float4*>(sx + L::kSlotQs)[t];
+      qs[0] = q.x;
+      qs[1] = q.y;
+      qs[2] = q.z;
+      qs[3] = q.w;
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        m[jj] = -INFINITY;
+        l[jj] = 0.f;
+      }
+    }
+    // This thread's reads of slot st are done (registers).
+    mbar_arrive(bar_sempty + 8 * st);
+    float s[kN / 2] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+
     mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
-    // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps
-    // (exchange slots by tile parity: a warp may write tile k + 1's before a slower one read tile k's; tile k + 2's
-    // come after named barrier 2 of tile k + 1, which every warp passes only after its reads).
+    // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps.
     float mx[kCols];
     quad_column_max<kN>(s, mx);
-    float gmax = fmaxf(f_lo.x, f_hi.x);
+    float gmax = fmaxf(sc.x, sc.y);
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
-    float* red = reinterpret_cast<float*>(smem + L::kRed) + st * 4 * kN;
-    float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig) + st * 4;
     if (lane < 4) {
 #pragma unroll
       for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
     }
     if (lane == 0) red_sig[warp] = gmax;
-    named_bar_sync<128>(2);
+    named_bar_sync<128>(kBar);
     // sigma = 2^(E - 14) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so that sigma
     // and 1 / sigma stay normal fp32): P s_c / sigma < 2^15, inside f16's range.
     const float smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
@@ -838,33 +912,47 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     sig_prev = sig_e;
     float a[kCols];
     softmax_update<kN>(s, red, qs, quad, m, l, a);
-    // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel, into slot st once the
-    // value warpgroup is done with tile k - 2 there (parity trick: the first use of each slot passes at once).
-    const float g_lo = f_lo.x * inv_sigma, g_hi = f_hi.x * inv_sigma;
-    mbar_wait(bar_pempty + 8 * st, ((k >> 1) & 1) ^ 1);
-    const uint32_t sp = base + L::kP + st * (kN * 128);
+    // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel.
+    const float g_lo = sc.x * inv_sigma, g_hi = sc.y * inv_sigma;
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) {
       const int c = 8 * (i >> 2) + 2 * quad + (i & 1), tok = (i & 2) ? t_hi : t_lo;
       st_shared_b16(sp + c * 128 + (((tok >> 3) ^ (c & 7)) << 4) + (tok & 7) * 2,
                     __float2half_rn(s[i] * ((i & 2) ? g_hi : g_lo)));
     }
-    if (warp == 0 && lane < 4) {
+    fence_proxy_async();  // P^T, for this warpgroup's wgmma
+    // Every warp's P^T before the PV; at a sequence's last tile the same barrier publishes its row sums over all its
+    // tokens (red_l, read for the output after the PV).
+    if (last) publish_column_sums<kN>(l, red_l, warp, lane, col, kBar);
+    else named_bar_sync<128>(kBar);
+    // O *= alpha' = alpha sigma_{k-1} / sigma_k, skipped where it is the identity (every factor of the warp exactly
+    // 1: no column max moved and sigma unchanged) or discarded (first tile: the PV restarts O).
+    if (!first) {
 #pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) s_alpha[st * kN + col(jj)] = a[jj] * ratio;
+      for (int jj = 0; jj < kCols; ++jj) a[jj] *= ratio;
+      rescale_o<kN>(o, a);
     }
-    if (last) {  // the sequence's row sums over all its tokens: output factor sigma / l for the value warpgroup, lse
-      publish_column_sums<kN>(l, red_l, warp, lane, col);
-      if (warp == 0 && lane < 4) {
-        const float sigma = __int_as_float((127 - 14 + sig_e) << 23);
-        const int ns = __ldg(p.nsplit + cur.b);
-        const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
+    mbar_wait(bar_full + 8 * rs, rph);  // complete already (S^T(k) needed it): orders the V reads after the copies
+    pv_raw(o, sm90::desc_lo(sp), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    // Raw stage rs (V) read by this thread.
+    mbar_arrive(bar_empty + 8 * rs);
+    if (++rs == kFp8RawStages) {
+      rs = 0;
+      rph ^= 1;
+    }
+
+    if (last) {  // output factor sigma / l per column, and the lse
+      const float sigma = __int_as_float((127 - 14 + sig_e) << 23);
+      const int ns = __ldg(p.nsplit + cur.b);
+      const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
 #pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) {
-          const int c = col(jj);
-          const float lc = warpgroup_column_sum<kN>(red_l, c);
-          s_out[st * kN + c] = lc > 0.f ? sigma / lc : 0.f;
-          if (c >= p.rows) continue;
+      for (int jj = 0; jj < kCols; ++jj) {
+        const int c = col(jj);
+        if (c >= p.rows) continue;
+        const float lc = warpgroup_column_sum<kN>(red_l, c);
+        store_o_column_raw(p, o, 4 * (jj >> 1) + (jj & 1), lc > 0.f ? sigma / lc : 0.f, cur.b, c, chunk, ns == 1,
+                           slot);
+        if (warp == 0 && lane < 4) {
           const float lse = lc > 0.f ? m[jj] * 0.69314718055994531f + logf(lc) : (ns == 1 ? INFINITY : -INFINITY);
           if (ns == 1) {
             const int i = c / p.heads, h = c - i * p.heads;
@@ -875,69 +963,6 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
         }
       }
       split = 0;  // later sequences of the run start with their first split
-    }
-    fence_proxy_async();  // P^T, for the value warpgroup's wgmma
-    mbar_arrive(bar_pfull + 8 * st);
-    cur.advance(p);
-  }
-}
-
-// Warpgroup 1 of the pipelined kernel: O^T over all 512 dims, the output at each sequence's last tile.
-template <int kN>
-__device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor cur, int count, int split,
-                                                  uint32_t base, uint8_t* smem) {
-  using L = NarrowFp8Smem<kN>;
-  constexpr int kCols = kN / 4;
-  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, quad = lane & 3;
-  const int chunk = 8 * warp + (lane >> 2);  // this thread's 16 value dims (its O^T rows)
-  auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
-  const float* s_alpha = reinterpret_cast<const float*>(smem + L::kAlpha);
-  const float* s_out = reinterpret_cast<const float*>(smem + L::kOut);
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
-
-  float o[8][kN / 2];
-#pragma unroll
-  for (int mb = 0; mb < 8; ++mb)
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
-  int rs = 0, rph = 0;  // raw stage of tile k and its phase parity
-  count = __reduce_min_sync(0xffffffffu, count);  // uniform, as in narrow_fp8_scores
-  for (int k = 0; k < count; ++k) {
-    const bool first = k == 0 || cur.t == 0;
-    const bool last = k == count - 1 || cur.t == cur.n - 1;
-    const int st = k & 1;
-    mbar_wait(bar_pfull + 8 * st, (k >> 1) & 1);
-    mbar_wait(bar_full + 8 * rs, rph);  // complete already (P^T(k) needed S^T(k)): orders the V reads after the copies
-    float a[kCols], inv[kCols];
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) {
-      a[jj] = s_alpha[st * kN + col(jj)];
-      inv[jj] = last ? s_out[st * kN + col(jj)] : 0.f;
-    }
-    // O *= alpha', skipped where it is the identity (every factor of the warp exactly 1: no column max moved and
-    // sigma unchanged) or discarded (first tile: the PV restarts O).
-    if (!first) rescale_o<kN>(o, a);
-    pv_raw(o, sm90::desc_lo(base + L::kP + st * (kN * 128)), base + L::kRaw + rs * kRawTileBytes, chunk, quad,
-           first);
-    // Raw stage rs (V) and slot st (P^T, alpha', output factors) read by this thread.
-    mbar_arrive(bar_empty + 8 * rs);
-    mbar_arrive(bar_pempty + 8 * st);
-    if (++rs == kFp8RawStages) {
-      rs = 0;
-      rph ^= 1;
-    }
-
-    if (last) {
-      const int ns = __ldg(p.nsplit + cur.b);
-      const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) {
-        const int c = col(jj);
-        if (c >= p.rows) continue;
-        store_o_column_raw(p, o, 4 * (jj >> 1) + (jj & 1), inv[jj], cur.b, c, chunk, ns == 1, slot);
-      }
-      split = 0;
     }
     cur.advance(p);
   }
@@ -950,7 +975,7 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_pfull = bar_empty + 8 * kFp8RawStages, bar_pempty = bar_pfull + 16;
+                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
 
   // Programmatic dependent of the metadata kernel, as the other decode kernels: no global access above.
   griddep_wait();
@@ -966,8 +991,8 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
     }
 #pragma unroll
     for (int st = 0; st < 2; ++st) {
-      mla_prefill::mbar_init(bar_pfull + 8 * st, 128);
-      mla_prefill::mbar_init(bar_pempty + 8 * st, 128);
+      mla_prefill::mbar_init(bar_sfull + 8 * st, 128);   // warpgroup 0's threads
+      mla_prefill::mbar_init(bar_sempty + 8 * st, 128);  // warpgroup 1's threads
     }
     sm90::fence_mbar_init();
   }
@@ -981,7 +1006,7 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
     fp8_producer_raw<kFp8RawStages>(p, cur, count, base + L::kRaw, bar_full, bar_empty);
   } else {
     mla_prefill::setmaxnreg_inc<kNarrowConsumerRegs>();
-    if (wg == 0) narrow_fp8_scores<kN>(p, cur, count, sched.w, base, smem);
+    if (wg == 0) narrow_fp8_scores<kN>(p, cur, count, base, smem);
     else narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
   }
 }
