@@ -29,7 +29,9 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
   35 % busy, waits on global loads dominate: too few tiles in flight (RESULTS.md, sixth session). Eighth session:
   that kernel was shared-memory bound (~3,000 wavefronts per tile: the converted f16 stage crossed shared memory four
   times); rebuilt on a raw ring with the conversion in the consumers' registers, predicted 95-115 us, measured 115 us
-  (1.39x bf16 at 4096, 1.45x at 8192 / 16384, 1.23x at 1024); the scores warpgroup now sets the pace.
+  (1.39x bf16 at 4096, 1.45x at 8192 / 16384, 1.23x at 1024); the scores warpgroup now set the pace. Ninth session:
+  softmax moved to the value warpgroup, predicted 98-110 us, measured 112 us (1.45x at 4096, 1.50-1.51x at 8192 /
+  16384, 1.29x at 1024); without the PV the kernel runs at its skeleton's 93-95 us: the PV is what is not overlapped.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """
