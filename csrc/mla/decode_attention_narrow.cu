@@ -195,6 +195,23 @@ __device__ __forceinline__ void store_o_column(const DecodeParams& p, const floa
   }
 }
 
+// The state of an online softmax before its first tile: O^T = 0 and, per column of this thread, m = -inf, l = 0 and a
+// third per-column value z = 0.
+template <int kN, int kMB>
+__device__ __forceinline__ void online_softmax_init(float (&o)[kMB][kN / 2], float (&m)[kN / 4], float (&l)[kN / 4],
+                                                    float (&z)[kN / 4]) {
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) {
+    m[jj] = -INFINITY;
+    l[jj] = 0.f;
+    z[jj] = 0.f;
+  }
+}
+
 // O^T *= a per column (this thread's kN / 4 columns), skipped when every factor of the warp is exactly 1 (the usual
 // case once a sequence's column maxima stopped moving); called warp-uniformly.
 template <int kN, int kMB>
@@ -300,18 +317,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
   constexpr float kOutScale = kFp8 ? kPow56 : 1.f;
 
   float o[4][kN / 2];
-#pragma unroll
-  for (int mb = 0; mb < 4; ++mb)
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
   // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, rescale factor.
   float m[kCols], l[kCols], a[kCols];
-#pragma unroll
-  for (int jj = 0; jj < kCols; ++jj) {
-    m[jj] = -INFINITY;
-    l[jj] = 0.f;
-    a[jj] = 0.f;
-  }
+  online_softmax_init<kN>(o, m, l, a);
 
   for (int k = 0; k < count; ++k) {
     const bool first = k == 0 || cur.t == 0;
@@ -848,19 +856,10 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
                  bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
 
   float o[8][kN / 2];
-#pragma unroll
-  for (int mb = 0; mb < 8; ++mb)
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
   // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
   // scale of the column's Q row (times 2^-e_c). sig_prev: E of the previous tile's sigma.
   float m[kCols], l[kCols], qs[kCols];
-#pragma unroll
-  for (int jj = 0; jj < kCols; ++jj) {
-    m[jj] = -INFINITY;
-    l[jj] = 0.f;
-    qs[jj] = 0.f;
-  }
+  online_softmax_init<kN>(o, m, l, qs);
   int sig_prev = 0;
   int rs = 0, rph = 0;  // raw stage of tile k and its phase parity
   count = __reduce_min_sync(0xffffffffu, count);  // uniform, as in narrow_fp8_scores
