@@ -86,7 +86,7 @@ def test_decode_grid(batch, s_q, heads, lens, block_size, fp8):
     _check(*inputs, what=f"lens={seqlens[:8]}")
 
 
-# H8 / H5 at s_q = 3: 24 / 15 query rows, the narrow kernel with N = 32 / 16 (FP8 at N = 16: the pipelined kernel).
+# H8 / H5 at s_q = 3: 24 / 15 query rows, the narrow kernel with N = 32 / 16 (FP8: the pipelined kernel).
 @pytest.mark.parametrize("heads", [16, 8, 5], ids=["H16", "H8-narrow", "H5-narrow16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_decode_not_causal_and_strided_q(fp8, heads):
@@ -134,15 +134,17 @@ def test_decode_narrow_shapes_both_kernels(batch, s_q, heads, lens, block_size, 
     _check(*inputs, what=f"{'wide' if wide else 'narrow'} lens={seqlens[:8]}")
 
 
-# FP8 at s_q * H <= 16 runs the pipelined kernel (f16 MMAs) by default; DSV2_DECODE_FP8_PIPE=0 the one-stage kernel
-# that N = 32 uses (the A/B variant).
-PIPE = [(128, 1, 16, 4096, 64), (5, 3, 5, [7, 64, 65, 0, 300], 48), (2, 1, 16, [16384, 16384], 16)]
+# FP8 at s_q * H <= 32 runs the pipelined kernel (f16 MMAs, N = 16 or 32) by default; DSV2_DECODE_FP8_PIPE=0 the
+# one-stage kernel (the A/B variant). N = 32: 32 rows at s_q = 1 and 2 (all columns used), 24 rows (8 padded).
+PIPE = [(128, 1, 16, 4096, 64), (5, 3, 5, [7, 64, 65, 0, 300], 48), (2, 1, 16, [16384, 16384], 16),
+        (64, 1, 32, 4096, 64), (64, 2, 16, [4096] * 64, 64), (6, 3, 8, [0, 1, 3, 20, 140, 4096], 32),
+        (2, 1, 32, [16384, 16384], 16)]
 
 
 @pytest.mark.parametrize("pipe", ["1", "0"], ids=["pipelined", "one-stage"])
 @pytest.mark.parametrize("batch, s_q, heads, lens, block_size", PIPE,
                          ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-bs{c[4]}" for c in PIPE])
-def test_decode_fp8_narrow16_variants(batch, s_q, heads, lens, block_size, pipe, monkeypatch):
+def test_decode_fp8_narrow_variants(batch, s_q, heads, lens, block_size, pipe, monkeypatch):
     monkeypatch.setenv("DSV2_DECODE_FP8_PIPE", pipe)
     g = torch.Generator().manual_seed(batch * 3 + heads)
     seqlens = _lengths(lens, batch, g)
@@ -153,18 +155,20 @@ def test_decode_fp8_narrow16_variants(batch, s_q, heads, lens, block_size, pipe,
 WIDE = [(-30, -20), (0, -20), (30, -20), (0, -4)]
 
 
+@pytest.mark.parametrize("heads", [16, 32], ids=["H16", "H32"])
 @pytest.mark.parametrize("q_exp, sc_lo", WIDE, ids=[f"q2^{q}-scales2^{s}" for q, s in WIDE])
-def test_decode_fp8_wide_scales(q_exp, sc_lo):
+def test_decode_fp8_wide_scales(q_exp, sc_lo, heads):
     """FP8 cache whose per-token scales (c_kv and k_pe) span 24 binades inside every tile, and query rows of
     magnitudes 2^(q_exp - 8) .. 2^(q_exp + 8) in one call (the softmax scale compensating both). The pipelined e4m3
-    kernel (H = 16, s_q = 1) runs its MMAs in f16 and moves these magnitudes into power-of-two fp32 factors (per query
-    row for Q, per tile for P s_c): q rows of 2^-38 or 2^38, or values up to 2^20 * 448, do not fit f16 otherwise."""
-    q, cache, scale, table, lens = _inputs([4096, 130, 64, 1, 700], 1, 16, 64, True, seed=21)
+    kernel (s_q = 1, H = 16 or 32: N = 16 or 32) runs its MMAs in f16 and moves these magnitudes into power-of-two
+    fp32 factors (per query row for Q, per tile for P s_c): q rows of 2^-38 or 2^38, or values up to 2^20 * 448, do
+    not fit f16 otherwise."""
+    q, cache, scale, table, lens = _inputs([4096, 130, 64, 1, 700], 1, heads, 64, True, seed=21)
     g = torch.Generator().manual_seed(22)
     wide = torch.exp2(torch.rand(scale.shape, generator=g) * 24 + sc_lo).to(scale.device)
     scale = torch.where(scale.isnan(), scale, wide)  # unused slots stay NaN-poisoned
-    row_exp = torch.tensor([q_exp + 4 * (h % 5) - 8 for h in range(16)], dtype=torch.float32)
-    q = (q.float() * torch.exp2(row_exp).view(1, 1, 16, 1).to(q.device)).bfloat16()
+    row_exp = torch.tensor([q_exp + 4 * (h % 5) - 8 for h in range(heads)], dtype=torch.float32)
+    q = (q.float() * torch.exp2(row_exp).view(1, 1, heads, 1).to(q.device)).bfloat16()
     sm = 2e-4 * 2.0 ** -(q_exp + sc_lo + 20)
     with dsv2_kernels.kernels("none"):
         want_o, want_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)

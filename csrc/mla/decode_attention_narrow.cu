@@ -25,9 +25,9 @@
 // and by f after, P^T columns (tokens) by f.
 // Every consumer thread arrives on the e4m3 stage's empty barrier itself: one elected arrival after a __syncwarp
 // does not order the other lanes' reads of the stage before the producer's next write (racecheck found that hazard).
-// e4m3 at s_q * H <= 16 runs decode_narrow_fp8_kernel instead (bottom of the file; DSV2_DECODE_FP8_PIPE=0 for the
-// one above): fixed roles (producer / scores / values) over a raw e4m3 ring, f16 MMAs with A fragments converted in
-// the consumers' registers, so that loads, S^T + softmax and PV of consecutive tiles overlap.
+// e4m3 runs decode_narrow_fp8_kernel instead (bottom of the file; DSV2_DECODE_FP8_PIPE=0 for the one above): fixed
+// roles (producer / scores / values) over a raw e4m3 ring, f16 MMAs with A fragments converted in the consumers'
+// registers, so that loads, S^T + softmax and PV of consecutive tiles overlap.
 
 #include <cstdlib>
 #include <cstring>
@@ -472,20 +472,20 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- e4m3 cache, s_q * H <= 16: the pipelined kernel ---------------------------------------------------------------
+// ---- e4m3 cache: the pipelined kernel (N = 16 or 32 query columns) -----------------------------------------------
 // The landed e4m3 path above converts into ONE bf16 stage, so the conversion of tile j waits for the PV of tile j - 1
 // and warpgroup 1 idles through S^T and the softmax. Here three warpgroups have fixed roles and hand tiles over through
 // mbarriers, and nothing converted goes through shared memory:
 //   * warpgroup 2 (producer, fp8_producer_raw in decode_kv.cuh): cp.async of raw e4m3 tiles into a ring of
-//     kFp8RawStages stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
+//     kFp8RawStages<kN> stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
 //   * warpgroup 0 (scores): K straight from the raw stage into wgmma register fragments (16-byte loads, one cvt per
-//     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64n16k16, A from registers), scaled per
-//     token, into one of two S slots (each thread its own 8 values and its two tokens' s_c);
+//     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64nNk16, A from registers), scaled per
+//     token, into one of two S slots (each thread its own N / 2 values and its two tokens' s_c);
 //   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into its own P^T buffer, V^T fragments from
 //     the same raw stage (byte interleave of token pairs, then cvt), O^T [512 x kN] *= alpha(j), += V^T(j) P^T(j)
 //     (32 wgmma), the output and lse at a sequence's last tile.
 // The softmax sits with the values: S^T with its K conversions is the longer half (~700 instructions per warp and
-// tile against ~390 for PV, profiled with the softmax on the scores side). The m64n16 accumulator gives thread
+// tile against ~390 for PV, profiled with the softmax on the scores side). The m64nN accumulator gives thread
 // (warp w, lane) the same columns in both warpgroups, so the S slot hands each thread's registers over unchanged and
 // the softmax code is the same one, only run by warpgroup 1 (its warp exchanges on named barrier 4).
 // Why: with a converted f16 stage every tile crossed shared memory ~4 times (raw write, raw read, f16 write, and the
@@ -501,7 +501,7 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     16-byte stores per column instead of 16 scattered 2-byte ones).
 // mbarriers: full[s] / empty[s] of the raw stages (producer -> both consumers; empty counts all 256 consumer threads,
 // each arriving for its own reads), s_full[b] / s_empty[b] of the S slots (warpgroup 0 -> 1 and back, 128 threads
-// each). Tile k of the run uses raw stage k % kFp8RawStages (own stage/phase counters per role) and S slot k & 1
+// each). Tile k of the run uses raw stage k % kFp8RawStages<kN> (own stage/phase counters per role) and S slot k & 1
 // (phase parity (k >> 1) & 1), so the scores run up to two tiles ahead of the values.
 //
 // Numerics (f16 has 5 exponent bits, so the scales that bf16 could carry in its exponent are moved out, as powers of
@@ -521,8 +521,10 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
 //     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
 //     tolerance there.
-// kN = 32 stays on the one-stage kernel (its 16-row fragments and the 32-column softmax are not written here).
-constexpr int kFp8RawStages = 5;  // raw tiles in the ring: 5 x 36.5 KB next to Q, P^T and the S slots
+// Raw tiles in the ring next to Q, P^T and the S slots: 5 x 36.5 KB at kN = 16; 4 at kN = 32, whose Q (36 KB) and
+// S slots (2 x 13 KB) are twice as large.
+template <int kN>
+constexpr int kFp8RawStages = kN == 16 ? 5 : 4;
 
 // Shared memory plan (byte offsets from a 1024-aligned base): f16 Q [kN x 576] (9 column blocks of kN * 128 bytes,
 // logical k order), P^T [kN x 64], the raw ring, 2 S slots, warpgroup 1's exchanges (column maxima, tile max s_c,
@@ -530,26 +532,31 @@ constexpr int kFp8RawStages = 5;  // raw tiles in the ring: 5 x 36.5 KB next to 
 // One P^T buffer and one set of exchanges suffice: warpgroup 1 passes two named barriers per tile (column maxima,
 // then P^T), and a warp writes tile k + 1's after the first of k + 1, which every warp reaches only after its reads
 // of tile k's (exchanges: before the second barrier of k; P^T: the PV wgmma of k, waited for).
-// S slot (per thread t of 128, plain vector stores in thread order, so without bank conflicts): S values 0..3 and
-// 4..7 (float4 [128] each), the columns' softmax scales (float4 [128], written at a sequence's first tile only), s_c
-// of tokens t_lo, t_hi (float2 [128]).
+// S slot (per thread t of 128, plain vector stores in thread order, so without bank conflicts): the thread's kN / 2 S
+// values 4 v .. 4 v + 3 in float4 array v (kN / 8 arrays of [128]), the columns' softmax scales (kN / 16 float4
+// arrays, written at a sequence's first tile only), s_c of tokens t_lo, t_hi (float2 [128]).
 template <int kN>
 struct NarrowFp8Smem {
+  static constexpr int kStages = kFp8RawStages<kN>;
   static constexpr int kQBlock = kN * 128;
-  static constexpr int kSlotS0 = 0, kSlotS1 = 128 * 16, kSlotQs = 2 * 128 * 16, kSlotSc = 3 * 128 * 16;
+  static constexpr int kSlotS = 0, kSlotQs = kN / 8 * 128 * 16, kSlotSc = kSlotQs + kN / 16 * 128 * 16;
   static constexpr int kSlotBytes = kSlotSc + 128 * 8;
   static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + kQBlock;
-  static constexpr int kS = kRaw + kFp8RawStages * kRawTileBytes, kRed = kS + 2 * kSlotBytes;
+  static constexpr int kS = kRaw + kStages * kRawTileBytes, kRed = kS + 2 * kSlotBytes;
   static constexpr int kRedSig = kRed + 4 * kN * 4, kRedL = kRedSig + 4 * 4, kQScale = kRedL + 4 * kN * 4;
   static constexpr int kBar = kQScale + kN * 4;
-  static constexpr int kBytes = kBar + (2 * kFp8RawStages + 4) * 8;
+  static constexpr int kBytes = kBar + (2 * kStages + 4) * 8;
   static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kS % 16 == 0 && kBar % 8 == 0,
                 "swizzled blocks need 1024-byte alignment, raw tiles 128, the S slots' vectors 16");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
-// Register split after setmaxnreg (128 x 56 + 256 x 224 = 384 x 168): the value warpgroup holds O^T (64) and two
-// sets of V^T fragments (2 x 32) while the next k step's loads are in flight.
-constexpr int kNarrowProducerRegs = 56, kNarrowConsumerRegs = 224;
+// Register split after setmaxnreg (128 x 56 + 256 x 224 = 384 x 168): the value warpgroup holds O^T (64 at kN = 16,
+// 128 at 32) and two sets of V^T fragments (2 x 32; at kN = 32 2 x 16, half a k step each) while the next k step's
+// loads are in flight.
+template <int kN>
+constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 40;
+template <int kN>
+constexpr int kNarrowConsumerRegs = kN == 16 ? 224 : 232;
 
 // Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero), by the 128 threads of the
 // score warpgroup, 8 per row (16-byte segment 8 k + sub of the row, dims 64 k + 8 sub ..) in two steps: fetch_q_rows
@@ -636,13 +643,14 @@ __device__ __forceinline__ void fence_fragment_sets(uint32_t (&f)[2][N][4]) {
   }
 }
 
-// S^T [64 x 16] of a raw stage: acc_c over the 32 c_kv k steps, acc_pe over the 4 k_pe steps (first, so that their
+// S^T [64 x kN] of a raw stage: acc_c over the 32 c_kv k steps, acc_pe over the 4 k_pe steps (first, so that their
 // loads start the tile), A from registers. This thread's accumulator rows are tokens t_lo, t_hi = t_lo + 8; it loads
 // 16-byte chunk `quad` of both tokens' k_pe, then c_kv chunks 8 quad + i (i = 0..7); word w of a chunk is k step 4 i
 // + w (a0 / a2: its low / high pair for t_lo, a1 / a3 for t_hi). Two fragment sets: chunk i + 1 converts while the
 // wgmmas of chunk i run (wait_group 1 before a set is rewritten); the loads run one chunk ahead. dq: desc_lo of Q.
-__device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], uint32_t dq, uint32_t raw, int t_lo,
-                                       int t_hi, int quad) {
+template <int kN>
+__device__ __forceinline__ void qk_raw(float (&acc_c)[kN / 2], float (&acc_pe)[kN / 2], uint32_t dq, uint32_t raw,
+                                       int t_lo, int t_hi, int quad) {
   uint32_t frag[2][4][4];
   uint4 lo = ld_shared_v4(raw + kRawPeOff + t_lo * 64 + quad * 16);
   uint4 hi = ld_shared_v4(raw + kRawPeOff + t_hi * 64 + quad * 16);
@@ -673,9 +681,9 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const int kk = i < 0 ? 32 + w : 4 * i + w;  // k step: column block kk / 4 of Q, 32 bytes per step
-      const uint64_t desc = sm90::desc_of(dq + (((kk >> 2) * (16 * 128) + (kk & 3) * 32) >> 4));
-      if (i < 0) wgmma_m64n16k16_rs_f16(acc_pe, f[w], desc, w > 0);
-      else wgmma_m64n16k16_rs_f16(acc_c, f[w], desc, i > 0 || w > 0);
+      const uint64_t desc = sm90::desc_of(dq + (((kk >> 2) * (kN * 128) + (kk & 3) * 32) >> 4));
+      if (i < 0) wgmma_m64nNk16_rs_f16<kN>(acc_pe, f[w], desc, w > 0);
+      else wgmma_m64nNk16_rs_f16<kN>(acc_c, f[w], desc, i > 0 || w > 0);
     }
     wgmma_commit();
   }
@@ -685,14 +693,19 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[8], float (&acc_pe)[8], ui
   fence_regs(acc_pe);
 }
 
-// O^T [512 x 16] (+)= V^T P^T of a raw stage, A from registers (rows permuted, see above: this thread's c_kv chunk
+// O^T [512 x kN] (+)= V^T P^T of a raw stage, A from registers (rows permuted, see above: this thread's c_kv chunk
 // `chunk` = 8 warp + lane / 4). k step j (tokens 16 j ..): 16-byte loads of tokens 16 j + 2 quad + {0, 1, 8, 9};
 // byte 2 b (+ 1) of the token pairs {0, 1} and {8, 9} interleaved (PRMT) are fragments a0 (a1) and a2 (a3) of
-// M-block b. Two fragment sets as in qk_raw. With `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo
-// of P^T (k step j: 32 bytes further).
-__device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t raw, int chunk, int quad,
+// M-block b. Two fragment sets as in qk_raw: of a whole k step (8 M-blocks) at kN = 16; at kN = 32, whose O^T takes
+// 64 more registers, of half a k step each (part h: M-blocks h, h + 2, h + 4, h + 6, the byte pairs {2 h, 2 h + 1}
+// of each word). With `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo of P^T (k step j: 32 bytes
+// further).
+template <int kN>
+__device__ __forceinline__ void pv_raw(float (&o)[8][kN / 2], uint32_t dp, uint32_t raw, int chunk, int quad,
                                        bool restart) {
-  uint32_t frag[2][8][4];
+  constexpr int kParts = kN == 16 ? 1 : 2;  // fragment sets per k step
+  constexpr int kSetBlocks = 8 / kParts;     // M-blocks per set
+  uint32_t frag[2][kSetBlocks][4];
 #pragma unroll
   for (int mb = 0; mb < 8; ++mb) fence_regs(o[mb]);
 #pragma unroll
@@ -702,32 +715,40 @@ __device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t r
     const uint4 x1 = ld_shared_v4(raw + raw_ckv_offset(t0 + 1, chunk));
     const uint4 x8 = ld_shared_v4(raw + raw_ckv_offset(t0 + 8, chunk));
     const uint4 x9 = ld_shared_v4(raw + raw_ckv_offset(t0 + 9, chunk));
-    uint32_t(&f)[8][4] = frag[j & 1];
-    if (j >= 2) {
-      wgmma_wait<1>();  // k step j - 2's wgmmas, the last readers of this set, are done
-#pragma unroll
-      for (int mb = 0; mb < 8; ++mb) mla_prefill::fence_regs_u32(f[mb]);
-    }
     const uint32_t w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
     const uint32_t w8[4] = {x8.x, x8.y, x8.z, x8.w}, w9[4] = {x9.x, x9.y, x9.z, x9.w};
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {  // word w: dims 4 w .. 4 w + 3 of the chunk = M-blocks 2 w, 2 w + 1
+    for (int part = 0; part < kParts; ++part) {
+      const int u = j * kParts + part;  // fragment set u & 1
+      uint32_t(&f)[kSetBlocks][4] = frag[u & 1];
+      if (u >= 2) {
+        wgmma_wait<1>();  // set u - 2's wgmmas, the last readers of this set, are done
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t sel = h ? 0x7362u : 0x5140u;  // bytes {2h, 2h + 1} of both tokens, interleaved
-        const uint2 a = e4m3x4_to_f16x4(__byte_perm(w0[w], w1[w], sel));
-        const uint2 c = e4m3x4_to_f16x4(__byte_perm(w8[w], w9[w], sel));
-        f[2 * w + h][0] = a.x;
-        f[2 * w + h][1] = a.y;
-        f[2 * w + h][2] = c.x;
-        f[2 * w + h][3] = c.y;
+        for (int i = 0; i < kSetBlocks; ++i) mla_prefill::fence_regs_u32(f[i]);
       }
-    }
-    wgmma_fence();
 #pragma unroll
-    for (int mb = 0; mb < 8; ++mb)
-      wgmma_m64n16k16_rs_f16(o[mb], f[mb], sm90::desc_of(dp + 2 * j), j > 0 || !restart);
-    wgmma_commit();
+      for (int w = 0; w < 4; ++w) {  // word w: dims 4 w .. 4 w + 3 of the chunk = M-blocks 2 w, 2 w + 1
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (kParts == 2 && h != part) continue;
+          const int i = kParts == 1 ? 2 * w + h : w;  // M-block 2 w + h in this set
+          const uint32_t sel = h ? 0x7362u : 0x5140u;  // bytes {2h, 2h + 1} of both tokens, interleaved
+          const uint2 a = e4m3x4_to_f16x4(__byte_perm(w0[w], w1[w], sel));
+          const uint2 c = e4m3x4_to_f16x4(__byte_perm(w8[w], w9[w], sel));
+          f[i][0] = a.x;
+          f[i][1] = a.y;
+          f[i][2] = c.x;
+          f[i][3] = c.y;
+        }
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int i = 0; i < kSetBlocks; ++i) {
+        const int mb = kParts == 1 ? i : 2 * i + part;
+        wgmma_m64nNk16_rs_f16<kN>(o[mb], f[i], sm90::desc_of(dp + 2 * j), j > 0 || !restart);
+      }
+      wgmma_commit();
+    }
   }
   wgmma_wait<0>();
   fence_fragment_sets(frag);
@@ -738,8 +759,9 @@ __device__ __forceinline__ void pv_raw(float (&o)[8][8], uint32_t dp, uint32_t r
 // Column c of the pipelined kernel's O^T times `inv` (registers o[b][i0] and o[b][i0 + 2]: dims 16 chunk + 2 b and
 // + 1) into sequence b's output: bf16 (two 16-byte stores) when the sequence has one split, else the fp32 partial of
 // split `slot` (four).
-__device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const float (&o)[8][8], int i0, float inv,
-                                                   int b, int c, int chunk, bool single, int64_t slot) {
+template <int kN>
+__device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const float (&o)[8][kN / 2], int i0,
+                                                   float inv, int b, int c, int chunk, bool single, int64_t slot) {
   float v[16];
 #pragma unroll
   for (int mb = 0; mb < 8; ++mb) {
@@ -765,15 +787,15 @@ template <int kN>
 __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, uint32_t base,
                                                   uint8_t* smem) {
   using L = NarrowFp8Smem<kN>;
-  static_assert(kN == 16, "the register-fragment S^T and the S slots are written for 16 columns");
+  constexpr int kStages = L::kStages;
   constexpr int kCols = kN / 4;
   const int t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31, quad = lane & 3;
   const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
   auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
   float* s_qscale = reinterpret_cast<float*>(smem + L::kQScale);
   const uint32_t sq = base + L::kQ;
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kStages,
+                 bar_sfull = bar_empty + 8 * kStages, bar_sempty = bar_sfull + 16;
 
   // The log2 softmax scales of this thread's columns (their Q rows' times 2^-e_c), for the S slot of a sequence's
   // first tile: through the slot rather than qscale, which the next sequence's Q may overwrite before the value
@@ -810,11 +832,11 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     const float2* fac = reinterpret_cast<const float2*>(smem + L::kRaw + rs * kRawTileBytes + kRawScaleOff);
     const float2 f_lo = fac[t_lo], f_hi = fac[t_hi];
     float s[kN / 2], s_pe[kN / 2];
-    qk_raw(s, s_pe, sm90::desc_lo(sq), raw, t_lo, t_hi, quad);
+    qk_raw<kN>(s, s_pe, sm90::desc_lo(sq), raw, t_lo, t_hi, quad);
     // This thread's reads of the stage are done (fragments and scales in registers); the value warpgroup arrives for
     // its own.
     mbar_arrive(bar_empty + 8 * rs);
-    if (++rs == kFp8RawStages) {
+    if (++rs == kStages) {
       rs = 0;
       rph ^= 1;
     }
@@ -826,10 +848,17 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     // at once); the mask and the softmax run there, on these registers.
     mbar_wait(bar_sempty + 8 * st, ((k >> 1) & 1) ^ 1);
     uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
-    reinterpret_cast<float4*>(sx + L::kSlotS0)[t] = make_float4(s[0], s[1], s[2], s[3]);
-    reinterpret_cast<float4*>(sx + L::kSlotS1)[t] = make_float4(s[4], s[5], s[6], s[7]);
+#pragma unroll
+    for (int v = 0; v < kN / 8; ++v)
+      reinterpret_cast<float4*>(sx + L::kSlotS)[128 * v + t] = make_float4(s[4 * v], s[4 * v + 1], s[4 * v + 2],
+                                                                           s[4 * v + 3]);
     reinterpret_cast<float2*>(sx + L::kSlotSc)[t] = make_float2(f_lo.x, f_hi.x);
-    if (first) reinterpret_cast<float4*>(sx + L::kSlotQs)[t] = make_float4(qs[0], qs[1], qs[2], qs[3]);
+    if (first) {
+#pragma unroll
+      for (int v = 0; v < kN / 16; ++v)
+        reinterpret_cast<float4*>(sx + L::kSlotQs)[128 * v + t] = make_float4(qs[4 * v], qs[4 * v + 1],
+                                                                              qs[4 * v + 2], qs[4 * v + 3]);
+    }
     mbar_arrive(bar_sfull + 8 * st);
     cur.advance(p);
   }
@@ -841,6 +870,7 @@ template <int kN>
 __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor cur, int count, int split,
                                                   uint32_t base, uint8_t* smem) {
   using L = NarrowFp8Smem<kN>;
+  constexpr int kStages = L::kStages;
   constexpr int kCols = kN / 4;
   constexpr int kBar = 4;  // this warpgroup's named barrier (2: warpgroup 0's Q; 1 and 3: the other decode kernels)
   const int t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31, quad = lane & 3;
@@ -852,8 +882,8 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
   float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig);
   float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
   const uint32_t sp = base + L::kP;
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kStages,
+                 bar_sfull = bar_empty + 8 * kStages, bar_sempty = bar_sfull + 16;
 
   float o[8][kN / 2];
   // Per column of this thread: running max (log2 domain), partial sum over this thread's tokens, the log2 softmax
@@ -869,15 +899,25 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     const int st = k & 1;  // S slot
     mbar_wait(bar_sfull + 8 * st, (k >> 1) & 1);
     const uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
-    const float4 s0 = reinterpret_cast<const float4*>(sx + L::kSlotS0)[t];
-    const float4 s1 = reinterpret_cast<const float4*>(sx + L::kSlotS1)[t];
+    float s[kN / 2];
+#pragma unroll
+    for (int v = 0; v < kN / 8; ++v) {
+      const float4 x = reinterpret_cast<const float4*>(sx + L::kSlotS)[128 * v + t];
+      s[4 * v] = x.x;
+      s[4 * v + 1] = x.y;
+      s[4 * v + 2] = x.z;
+      s[4 * v + 3] = x.w;
+    }
     const float2 sc = reinterpret_cast<const float2*>(sx + L::kSlotSc)[t];  // s_c of tokens t_lo, t_hi
     if (first) {
-      const float4 q = reinterpret_cast<const float4*>(sx + L::kSlotQs)[t];
-      qs[0] = q.x;
-      qs[1] = q.y;
-      qs[2] = q.z;
-      qs[3] = q.w;
+#pragma unroll
+      for (int v = 0; v < kN / 16; ++v) {
+        const float4 q = reinterpret_cast<const float4*>(sx + L::kSlotQs)[128 * v + t];
+        qs[4 * v] = q.x;
+        qs[4 * v + 1] = q.y;
+        qs[4 * v + 2] = q.z;
+        qs[4 * v + 3] = q.w;
+      }
 #pragma unroll
       for (int jj = 0; jj < kCols; ++jj) {
         m[jj] = -INFINITY;
@@ -886,7 +926,6 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     }
     // This thread's reads of slot st are done (registers).
     mbar_arrive(bar_sempty + 8 * st);
-    float s[kN / 2] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 
     mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
     // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps.
@@ -932,10 +971,10 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
       rescale_o<kN>(o, a);
     }
     mbar_wait(bar_full + 8 * rs, rph);  // complete already (S^T(k) needed it): orders the V reads after the copies
-    pv_raw(o, sm90::desc_lo(sp), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    pv_raw<kN>(o, sm90::desc_lo(sp), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
     // Raw stage rs (V) read by this thread.
     mbar_arrive(bar_empty + 8 * rs);
-    if (++rs == kFp8RawStages) {
+    if (++rs == kStages) {
       rs = 0;
       rph ^= 1;
     }
@@ -949,7 +988,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
         const int c = col(jj);
         if (c >= p.rows) continue;
         const float lc = warpgroup_column_sum<kN>(red_l, c);
-        store_o_column_raw(p, o, 4 * (jj >> 1) + (jj & 1), lc > 0.f ? sigma / lc : 0.f, cur.b, c, chunk, ns == 1,
+        store_o_column_raw<kN>(p, o, 4 * (jj >> 1) + (jj & 1), lc > 0.f ? sigma / lc : 0.f, cur.b, c, chunk, ns == 1,
                            slot);
         if (warp == 0 && lane < 4) {
           const float lse = lc > 0.f ? m[jj] * 0.69314718055994531f + logf(lc) : (ns == 1 ? INFINITY : -INFINITY);
@@ -970,11 +1009,12 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
 template <int kN>
 __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_constant__ DecodeParams p) {
   using L = NarrowFp8Smem<kN>;
+  constexpr int kStages = L::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw), base = (raw + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
-  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kFp8RawStages,
-                 bar_sfull = bar_empty + 8 * kFp8RawStages, bar_sempty = bar_sfull + 16;
+  const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kStages,
+                 bar_sfull = bar_empty + 8 * kStages, bar_sempty = bar_sfull + 16;
 
   // Programmatic dependent of the metadata kernel, as the other decode kernels: no global access above.
   griddep_wait();
@@ -984,7 +1024,7 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   if (count <= 0) return;
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int st = 0; st < kFp8RawStages; ++st) {
+    for (int st = 0; st < kStages; ++st) {
       mla_prefill::mbar_init(bar_full + 8 * st, 128);
       mla_prefill::mbar_init(bar_empty + 8 * st, kThreads);
     }
@@ -1001,10 +1041,10 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   cur.set(p, sched.x, sched.y);
   const int wg = threadIdx.x >> 7;
   if (wg == 2) {
-    mla_prefill::setmaxnreg_dec<kNarrowProducerRegs>();
-    fp8_producer_raw<kFp8RawStages>(p, cur, count, base + L::kRaw, bar_full, bar_empty);
+    mla_prefill::setmaxnreg_dec<kNarrowProducerRegs<kN>>();
+    fp8_producer_raw<kStages>(p, cur, count, base + L::kRaw, bar_full, bar_empty);
   } else {
-    mla_prefill::setmaxnreg_inc<kNarrowConsumerRegs>();
+    mla_prefill::setmaxnreg_inc<kNarrowConsumerRegs<kN>>();
     if (wg == 0) narrow_fp8_scores<kN>(p, cur, count, base, smem);
     else narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
   }
@@ -1019,7 +1059,7 @@ void launch_narrow_fp8(const DecodeParams& p, int parts, bool programmatic, cuda
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The pipelined e4m3 kernel runs s_q * H <= 16 unless DSV2_DECODE_FP8_PIPE=0 (A/B against the one-stage kernel).
+// The pipelined e4m3 kernel runs every narrow shape unless DSV2_DECODE_FP8_PIPE=0 (A/B against the one-stage kernel).
 // Read per call: cheap next to a launch.
 bool fp8_pipelined() {
   const char* v = std::getenv("DSV2_DECODE_FP8_PIPE");
@@ -1036,7 +1076,8 @@ void launch_decode_narrow(const DecodeParams& p, bool fp8, int parts, bool progr
     else if (fp8) launch_narrow<true, 16>(p, parts, programmatic, stream);
     else launch_narrow<false, 16>(p, parts, programmatic, stream);
   } else {
-    if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);
+    if (fp8 && fp8_pipelined()) launch_narrow_fp8<32>(p, parts, programmatic, stream);
+    else if (fp8) launch_narrow<true, 32>(p, parts, programmatic, stream);
     else launch_narrow<false, 32>(p, parts, programmatic, stream);
   }
 }

@@ -277,10 +277,10 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss(float (&d)[kN / 2], uint64_t d
   else wgmma_m64n32k16_ss<kTransA>(d, desc_a, desc_b, scale_d);
 }
 
-// D[64 x 16] (+)= A[64 x 16] * B[16 x 16], f16 in, fp32 accumulation; A from registers (four f16x2 per thread in the
-// fragment layout a0 = (row r, k 2q..2q+1), a1 = (r + 8, same k), a2 = (r, k + 8), a3 = (r + 8, k + 8), r = 16 warp
-// + lane / 4, q = lane % 4), B K-major in shared memory. The pipelined e4m3 kernel: its fragments are e4m3 codes
-// converted in registers (exact in f16).
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] (N = 16 or 32), f16 in, fp32 accumulation; A from registers (four f16x2
+// per thread in the fragment layout a0 = (row r, k 2q..2q+1), a1 = (r + 8, same k), a2 = (r, k + 8), a3 = (r + 8,
+// k + 8), r = 16 warp + lane / 4, q = lane % 4), B K-major in shared memory. The pipelined e4m3 kernel: its fragments
+// are e4m3 codes converted in registers (exact in f16).
 __device__ __forceinline__ void wgmma_m64n16k16_rs_f16(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
                                                        int scale_d) {
   asm volatile(
@@ -291,6 +291,25 @@ __device__ __forceinline__ void wgmma_m64n16k16_rs_f16(float (&d)[8], const uint
       "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n32k16_rs_f16(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b,
+                                                       int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+template <int kN>
+__device__ __forceinline__ void wgmma_m64nNk16_rs_f16(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                                      int scale_d) {
+  static_assert(kN == 16 || kN == 32, "narrow wgmma: N = 16 or 32");
+  if constexpr (kN == 16) wgmma_m64n16k16_rs_f16(d, a, desc_b, scale_d);
+  else wgmma_m64n32k16_rs_f16(d, a, desc_b, scale_d);
 }
 
 }  // namespace mla_decode
