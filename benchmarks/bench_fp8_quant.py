@@ -3,7 +3,8 @@ PyTorch reference eager and under torch.compile.
 
     python -m benchmarks.bench_fp8_quant [--quick] [--row-major] [--json out.json] [--md out.md]
 
-Bytes counted: the input read once, q (1 byte per element) and the fp32 scales written once. Scales are column-major
+Bytes counted: the input read once, q (1 byte per element) and the fp32 scales written once; a plain copy of as many
+bytes is timed beside each case (what the per-call timing reaches at that size). Scales are column-major
 (the layout the FP8 GEMMs read) unless --row-major; one extra row-major case is always timed at M=8192 to show the
 cost of its strided scale writes.
 
@@ -19,7 +20,7 @@ twice (amax, then quantize) and compute the scale/division in fp32: ~1.5-2.5x sl
 
 import torch
 
-from benchmarks.harness import Result, cli, time_cuda
+from benchmarks.harness import Result, cli, copy_peer, time_cuda
 from dsv2_kernels import fp8
 
 GROUP = 128
@@ -51,6 +52,7 @@ def quant_cases(args):
         }
         for name, fn in impls.items():
             results.append(Result(case, name, time_cuda(fn, make), bytes=nbytes))
+        results.append(copy_peer(case, nbytes))
     return results
 
 
@@ -73,6 +75,7 @@ def silu_cases(args):
             }
             for name, fn in impls.items():
                 results.append(Result(case, name, time_cuda(fn, make), bytes=nbytes))
+            results.append(copy_peer(case, nbytes))
     return results
 
 

@@ -9,7 +9,8 @@ sequences), a random slot mapping (``randperm`` of the cache's slots, page 64). 
 
 Peers, timed in the same run: the three-step torch sequence (``F.rms_norm``; RoPE; ``index_copy_`` of the
 concatenated rows into the cache, with the e4m3 quantization in between for the FP8 cache), the eager reference
-(``mla.compress_kv_ref`` / ``mla.rope_q_ref``) and ``torch.compile`` of the reference (dynamic shapes).
+(``mla.compress_kv_ref`` / ``mla.rope_q_ref``) and ``torch.compile`` of the reference (dynamic shapes); for
+compress_kv also a plain copy of as many bytes (what the per-call timing reaches at that size).
 
 Bytes counted (as the % of the 4.2 TB/s copy ceiling): compress_kv reads kv_a (1152 B/token) and writes the cache
 row (1152 B bf16; 576 + 8 B e4m3), plus 1152 B of returned c_kv/k_pe with return_normed. Not counted: the cos/sin
@@ -41,7 +42,7 @@ the tokens with the next row's loads in flight; csrc/mla/rope_q.cu: one thread p
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Result, cli, time_cuda
+from benchmarks.harness import Result, cli, copy_peer, time_cuda
 from dsv2_kernels import mla
 
 FP8 = torch.float8_e4m3fn
@@ -126,6 +127,7 @@ def run(args):
             }
             for name, (fn, warm) in impls.items():
                 timed(results, case, name, fn, make, nbytes, warm)
+            results.append(copy_peer(case, nbytes))
 
     for H in heads_list:
         for T in tokens:

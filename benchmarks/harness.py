@@ -107,6 +107,20 @@ def time_cuda(
     return [s.elapsed_time(e) * 1e3 / group for s, e in zip(starts, ends)]
 
 
+def copy_peer(case: str, nbytes: float) -> Result:
+    """A device-to-device copy moving the same bytes (half read, half written), timed like the kernels: what this
+    timing method reaches at this size, next to the copy ceiling (measured on large buffers). A few-µs kernel cannot
+    beat it; the bars still count against the ceiling."""
+    half = max(int(nbytes) // 32 * 16, 16)
+
+    def make():
+        return (torch.empty(half, dtype=torch.uint8, device="cuda"),
+                torch.empty(half, dtype=torch.uint8, device="cuda"))
+
+    return Result(case, "torch copy of the same bytes", time_cuda(lambda io: io[1].copy_(io[0]), make),
+                  bytes=2 * half)
+
+
 def markdown(results: Sequence[Result], title: str) -> str:
     lines = [
         f"### {title}",

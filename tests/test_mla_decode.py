@@ -173,9 +173,15 @@ def test_decode_fp8_wide_scales(q_exp, sc_lo, heads):
     with dsv2_kernels.kernels("none"):
         want_o, want_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)
     got_o, got_l = mla.decode_attention(q, cache, scale, table, lens, sm, True)
-    tol_o, tol_l = TOL[True]
-    unit = 2.0 ** (sc_lo + 20)  # values scale with the cache scales: compare in units of the default case (exact)
-    assert_close(got_o / unit, want_o / unit, atol=tol_o, rtol=tol_o, what=f"out q_exp={q_exp} sc_lo={sc_lo}")
+    tol_l = TOL[True][1]
+    # Values scale with the cache scales, and here output rows range over many binades: errors are measured against
+    # each row's magnitude (its largest |out|, at least 2^(sc_lo + 20), the default case's unit). P enters the PV
+    # product as f16 (2^-11 relative per token), and a row's elements are sums over tokens that can cancel: an element
+    # near 0 in a row of magnitude ~2e3 carries the row's absolute error. A CPU emulation of the kernel's numerics
+    # (f16 Q and P, per-tile sigma) gives 0.41 at the element of H = 32, q_exp = 0 that measured 0.36 (row max 1758).
+    # Tolerance 1e-2 of the row max: f16 P (2^-11), bf16 output (2^-9) and fp32 sums stay below 3e-3 of it.
+    row = want_o.abs().amax(-1, keepdim=True).clamp_min(2.0 ** (sc_lo + 20))
+    assert_close(got_o / row, want_o / row, atol=1e-2, rtol=1e-2, what=f"out q_exp={q_exp} sc_lo={sc_lo}")
     assert_close(got_l, want_l, atol=tol_l, rtol=0, what=f"lse q_exp={q_exp} sc_lo={sc_lo}")
 
 
