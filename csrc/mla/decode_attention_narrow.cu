@@ -230,7 +230,10 @@ __device__ __forceinline__ void rescale_o(float (&o)[kMB][kN / 2], const float (
 // Online softmax step of a tile for this thread's kN / 4 columns: the column max over the 4 warps' quad maxima in
 // red[warp * kN + column], times the column's log2 scale qs, updates the running max m (log2 domain) and gives the
 // rescale factor a of the previous tiles; s becomes exp2(s qs - m) and l (this thread's partial row sums) l a + sum.
-template <int kN>
+// kLazy > 0: m moves only when the tile's max exceeds it by more than kLazy (then to that max), so P <= 2^kLazy and
+// most tiles after the first few rescale nothing (a = 1 in the whole warp skips rescale_o); out = O / l and the lse
+// m ln 2 + ln l are the same for any m.
+template <int kN, int kLazy = 0>
 __device__ __forceinline__ void softmax_update(float (&s)[kN / 2], const float* red, const float (&qs)[kN / 4],
                                                int quad, float (&m)[kN / 4], float (&l)[kN / 4],
                                                float (&a)[kN / 4]) {
@@ -240,7 +243,9 @@ __device__ __forceinline__ void softmax_update(float (&s)[kN / 2], const float* 
     const int c = 8 * (jj >> 1) + 2 * quad + (jj & 1);
     const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
     // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
-    const float n = fmaxf(m[jj], w * qs[jj]);
+    const float cand = w * qs[jj];
+    // Lazy: a column that has seen no key yet (m = -inf) takes the first finite max, as fmaxf does.
+    const float n = kLazy == 0 ? fmaxf(m[jj], cand) : (cand > m[jj] + kLazy ? cand : m[jj]);
     u[jj] = n == -INFINITY ? 0.f : n;
     a[jj] = fast_exp2(m[jj] - u[jj]);
     m[jj] = n;
@@ -512,15 +517,15 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     of 2^-24, i.e. an absolute error below 2^-39 of the row max: negligible next to the fp32 accumulation.
 //   * K, V: the fragments hold the e4m3 codes unscaled (exact); S = s_c acc_c + s_pe acc_pe per token (the c_kv and
 //     k_pe steps accumulate separately).
-//   * P: the PV product needs P s_c (P <= 1 after the max subtraction); per tile, sigma_t = 2^(E - 14) with
-//     E = floor(log2 max s_c over the tile's tokens), and P^T holds P s_c / sigma_t < 2^15 as f16. O^T is held in
-//     units of the last tile's sigma: alpha' = alpha sigma_{t-1} / sigma_t (a power of two: exact), the output is
-//     O sigma_last / l. f16 rounds P s_c / sigma_t to 2^-11 relative where the landed bf16 P rounds to 2^-8, down to
-//     2^-29 of the tile's largest s_c; below that (a token whose P s_c is 2^29 under the tile's largest scale) f16 is
-//     subnormal, an absolute error under 2^-40 max(s_c) |v| per token. So outputs are at least as precise as the bf16
-//     path's, except where tokens whose P s_c lies more than 2^29 below the tile's largest scale carry the output
-//     (per-token scales within one tile far apart); the test with scales spanning 24 binades per tile checks the
-//     tolerance there.
+//   * P: the PV product needs P s_c (P <= 2^8: the running max moves lazily, see narrow_fp8_values); per tile,
+//     sigma_t = 2^(E - 6) with E = floor(log2 max s_c over the tile's tokens), and P^T holds P s_c / sigma_t < 2^15
+//     as f16. O^T is held in units of the last tile's sigma: alpha' = alpha sigma_{t-1} / sigma_t (a power of two:
+//     exact), the output is O sigma_last / l. f16 rounds P s_c / sigma_t to 2^-11 relative where the landed bf16 P
+//     rounds to 2^-8, down to 2^-21 of the tile's largest s_c; below that (a token whose P s_c is 2^21 under the
+//     tile's largest scale) f16 is subnormal, an absolute error under 2^-31 max(s_c) |v| per token. So outputs are at
+//     least as precise as the bf16 path's, except where tokens whose P s_c lies more than 2^21 below the tile's
+//     largest scale carry the output (per-token scales within one tile far apart); the test with scales spanning 24
+//     binades per tile checks the tolerance there.
 // Raw tiles in the ring next to Q, P^T and the S slots: 5 x 36.5 KB at kN = 16; 4 at kN = 32, whose Q (36 KB) and
 // S slots (2 x 13 KB) are twice as large.
 template <int kN>
@@ -873,6 +878,9 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
   constexpr int kStages = L::kStages;
   constexpr int kCols = kN / 4;
   constexpr int kBar = 4;  // this warpgroup's named barrier (2: warpgroup 0's Q; 1 and 3: the other decode kernels)
+  // The running max moves only by more than 8 (log2: P up to 256), so that O^T is rescaled (kN / 2 x 8 FMULs per
+  // thread) in few tiles after a sequence's first ones rather than whenever any of the warp's columns got a new max.
+  constexpr int kLazyMax = 8;
   const int t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31, quad = lane & 3;
   // S^T rows of this thread's slot values (the tokens of warpgroup 0's thread t) and its 16 value dims (O^T rows).
   const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
@@ -940,16 +948,16 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     }
     if (lane == 0) red_sig[warp] = gmax;
     named_bar_sync<128>(kBar);
-    // sigma = 2^(E - 14) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so that sigma
-    // and 1 / sigma stay normal fp32): P s_c / sigma < 2^15, inside f16's range.
+    // sigma = 2^(E - 14 + kLazyMax) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so
+    // that sigma and 1 / sigma stay normal fp32): P s_c / sigma < 2^15 for P <= 2^kLazyMax, inside f16's range.
     const float smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
     const int sig_e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
-    const float inv_sigma = __int_as_float((127 + 14 - sig_e) << 23);
+    const float inv_sigma = __int_as_float((127 + 14 - kLazyMax - sig_e) << 23);
     // O^T is in units of the previous tile's sigma: times sigma_{k-1} / sigma_k (first tile: O restarts).
     const float ratio = __int_as_float((127 + (first ? 0 : min(max(sig_prev - sig_e, -126), 127))) << 23);
     sig_prev = sig_e;
     float a[kCols];
-    softmax_update<kN>(s, red, qs, quad, m, l, a);
+    softmax_update<kN, kLazyMax>(s, red, qs, quad, m, l, a);
     // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel.
     const float g_lo = sc.x * inv_sigma, g_hi = sc.y * inv_sigma;
 #pragma unroll
@@ -980,7 +988,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     }
 
     if (last) {  // output factor sigma / l per column, and the lse
-      const float sigma = __int_as_float((127 - 14 + sig_e) << 23);
+      const float sigma = __int_as_float((127 - 14 + kLazyMax + sig_e) << 23);
       const int ns = __ldg(p.nsplit + cur.b);
       const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
 #pragma unroll
