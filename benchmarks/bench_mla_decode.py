@@ -12,7 +12,7 @@ Kernels (see the file headers): H * s_q <= 32 runs the narrow kernel (csrc/mla/d
 transposed MMAs, S^T = K Q^T and O^T = V^T P^T with N = 16 or 32, so no padded query rows), the rest the 64-row
 kernel (csrc/mla/decode_attention.cu: warpgroup 0 Q K^T + softmax, both warpgroups P V, warpgroup 1 loading the next
 tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine are chained by programmatic launch.
-`DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs. FP8 at H * s_q <= 16 runs the narrow file's pipelined
+`DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs. FP8 at H * s_q <= 32 runs the narrow file's pipelined
 kernel (a cp.async-only producer filling a raw e4m3 ring; scores and values warpgroups convert into f16 wgmma register
 fragments); `DSV2_DECODE_FP8_PIPE=0` runs the one-stage path.
 
@@ -32,6 +32,9 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
   (1.39x bf16 at 4096, 1.45x at 8192 / 16384, 1.23x at 1024); the scores warpgroup now set the pace. Ninth session:
   softmax moved to the value warpgroup, predicted 98-110 us, measured 112 us (1.45x at 4096, 1.50-1.51x at 8192 /
   16384, 1.29x at 1024); without the PV the kernel runs at its skeleton's 93-95 us: the PV is what is not overlapped.
+  Tenth session: the pipelined kernel for H * s_q in 17..32 too (N = 32: H=32, H=16 s_q=2), predicted 120-135 us at
+  H=32 s_k=4096 (1.27-1.42x), measured 152 us (1.14x; the one-stage kernel 210 us, 0.82x); with a lazy running max
+  (O^T rescaled only when a column max moves by > 2^8) 148 us (1.17x), H=16 unchanged at 112 us.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """
