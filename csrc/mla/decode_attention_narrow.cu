@@ -563,6 +563,26 @@ constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 40;
 template <int kN>
 constexpr int kNarrowConsumerRegs = kN == 16 ? 224 : 232;
 
+// An S slot's per-thread vectors: this thread's kN floats in kN / 4 float4 arrays of [128] (thread order, so the
+// stores and loads are free of bank conflicts).
+template <int kN>
+__device__ __forceinline__ void slot_store(uint8_t* dst, const float (&v)[kN], int t) {
+#pragma unroll
+  for (int i = 0; i < kN / 4; ++i)
+    reinterpret_cast<float4*>(dst)[128 * i + t] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+template <int kN>
+__device__ __forceinline__ void slot_load(float (&v)[kN], const uint8_t* src, int t) {
+#pragma unroll
+  for (int i = 0; i < kN / 4; ++i) {
+    const float4 x = reinterpret_cast<const float4*>(src)[128 * i + t];
+    v[4 * i] = x.x;
+    v[4 * i + 1] = x.y;
+    v[4 * i + 2] = x.z;
+    v[4 * i + 3] = x.w;
+  }
+}
+
 // Q rows 0..kN-1 of sequence b as f16 (row c times 2^e_c, see above; rows >= p.rows zero), by the 128 threads of the
 // score warpgroup, 8 per row (16-byte segment 8 k + sub of the row, dims 64 k + 8 sub ..) in two steps: fetch_q_rows
 // loads this thread's segments into registers (issued a tile ahead, during the previous sequence's last tile, so that
@@ -853,17 +873,9 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     // at once); the mask and the softmax run there, on these registers.
     mbar_wait(bar_sempty + 8 * st, ((k >> 1) & 1) ^ 1);
     uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
-#pragma unroll
-    for (int v = 0; v < kN / 8; ++v)
-      reinterpret_cast<float4*>(sx + L::kSlotS)[128 * v + t] = make_float4(s[4 * v], s[4 * v + 1], s[4 * v + 2],
-                                                                           s[4 * v + 3]);
+    slot_store<kN / 2>(sx + L::kSlotS, s, t);
     reinterpret_cast<float2*>(sx + L::kSlotSc)[t] = make_float2(f_lo.x, f_hi.x);
-    if (first) {
-#pragma unroll
-      for (int v = 0; v < kN / 16; ++v)
-        reinterpret_cast<float4*>(sx + L::kSlotQs)[128 * v + t] = make_float4(qs[4 * v], qs[4 * v + 1],
-                                                                              qs[4 * v + 2], qs[4 * v + 3]);
-    }
+    if (first) slot_store<kCols>(sx + L::kSlotQs, qs, t);
     mbar_arrive(bar_sfull + 8 * st);
     cur.advance(p);
   }
@@ -908,24 +920,10 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     mbar_wait(bar_sfull + 8 * st, (k >> 1) & 1);
     const uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
     float s[kN / 2];
-#pragma unroll
-    for (int v = 0; v < kN / 8; ++v) {
-      const float4 x = reinterpret_cast<const float4*>(sx + L::kSlotS)[128 * v + t];
-      s[4 * v] = x.x;
-      s[4 * v + 1] = x.y;
-      s[4 * v + 2] = x.z;
-      s[4 * v + 3] = x.w;
-    }
+    slot_load<kN / 2>(s, sx + L::kSlotS, t);
     const float2 sc = reinterpret_cast<const float2*>(sx + L::kSlotSc)[t];  // s_c of tokens t_lo, t_hi
     if (first) {
-#pragma unroll
-      for (int v = 0; v < kN / 16; ++v) {
-        const float4 q = reinterpret_cast<const float4*>(sx + L::kSlotQs)[128 * v + t];
-        qs[4 * v] = q.x;
-        qs[4 * v + 1] = q.y;
-        qs[4 * v + 2] = q.z;
-        qs[4 * v + 3] = q.w;
-      }
+      slot_load<kCols>(qs, sx + L::kSlotQs, t);
 #pragma unroll
       for (int jj = 0; jj < kCols; ++jj) {
         m[jj] = -INFINITY;
