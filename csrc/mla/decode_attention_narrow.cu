@@ -555,9 +555,10 @@ struct NarrowFp8Smem {
                 "swizzled blocks need 1024-byte alignment, raw tiles 128, the S slots' vectors 16");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
-// Register split after setmaxnreg (128 x 56 + 256 x 224 = 384 x 168): the value warpgroup holds O^T (64 at kN = 16,
-// 128 at 32) and two sets of V^T fragments (2 x 32; at kN = 32 2 x 16, half a k step each) while the next k step's
-// loads are in flight.
+// Register split after setmaxnreg (kN = 16: 128 x 56 + 256 x 224; kN = 32: 128 x 40 + 256 x 232; both within
+// 384 x 168): the value warpgroup holds O^T (64 at kN = 16, 128 at 32) and two sets of V^T fragments (2 x 32; at
+// kN = 32 2 x 16, half a k step each) while the next k step's loads are in flight. At kN = 32 ptxas still spills one
+// 4-byte value (12 bytes of spill stores in all, -Xptxas -v).
 template <int kN>
 constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 40;
 template <int kN>
