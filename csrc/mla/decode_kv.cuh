@@ -256,11 +256,7 @@ __device__ __forceinline__ void issue_fp8_raw(const DecodeParams& p, const Curso
 __device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, int sub) {
   const uint32_t src = raw + row * kKvDim + sub * 16;
 #pragma unroll
-  for (int k = 0; k < 9; ++k)
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(h.w[k].x), "=r"(h.w[k].y), "=r"(h.w[k].z), "=r"(h.w[k].w)
-                 : "r"(src + k * 64)
-                 : "memory");
+  for (int k = 0; k < 9; ++k) h.w[k] = ld_shared_v4(src + k * 64);
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(h.sc.x), "=f"(h.sc.y) : "r"(raw + kRawRowsBytes + row * 8)
                : "memory");
 }
