@@ -1,8 +1,10 @@
-// Small device helpers shared by the memory-bound kernels: 16-byte vectors and float conversion.
+// Small device helpers shared by the memory-bound kernels: 16-byte vectors, float conversion, L2 cache policies.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
 
 namespace dsv2 {
 
@@ -12,6 +14,19 @@ struct alignas(16) Vec16 {
   static constexpr int N = 16 / sizeof(T);
   T v[N];
 };
+
+// L2 cache policies (createpolicy results) for loads and stores with an .L2::cache_hint: evict-first for data read or
+// written once, evict-last for data that should stay until the kernel is done with it.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_evict_last_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

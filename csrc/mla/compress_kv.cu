@@ -104,12 +104,6 @@ __device__ __forceinline__ int64_t load_index(const void* base, int64_t i, bool 
 }
 
 // ---- cp.async (sm_80+): global -> shared without registers, completion tracked per thread in commit groups.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t pol) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol)
                : "memory");
@@ -267,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) compress_kv_kernel(const _
                               : 0;
   const __nv_bfloat16* rows = p.kv_a + gw * p.kv_stride;
   const int64_t row_step = p.warps * p.kv_stride;  // elements from one of this warp's rows to the next
-  const uint64_t pol = evict_first_policy();
+  const uint64_t pol = l2_evict_first_policy();
   uint8_t(*const stages)[kRowBytes] = ring[warp];
 
   // Everything that does not depend on a load first: the first kStages - 1 rows ...

@@ -536,22 +536,11 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
 }
-// TMA bulk copy shared -> global with an L2 cache policy (a createpolicy result), in the calling thread's current bulk
-// group.
+// TMA bulk copy shared -> global with an L2 cache policy (vec.cuh), in the calling thread's current bulk group.
 __device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes, uint64_t policy) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;" ::"l"(dst),
                "r"(smem_addr(src)), "r"(bytes), "l"(policy)
                : "memory");
-}
-__device__ __forceinline__ uint64_t policy_evict_first() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
 }
 __device__ __forceinline__ void st_global_hint(float* dst, float v, uint64_t policy) {
   asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(dst), "f"(v), "l"(policy) : "memory");
@@ -744,7 +733,7 @@ __global__ void __launch_bounds__(kCoopThreads, 1) dispatch_coop_kernel(const __
   // evict-last, since each 32-byte sector collects its 8 rows' 4-byte scales from several CTAs over the whole store
   // phase. Measured at T = 4096 (bench_moe, same run): V2 FP8 67.2 -> 64.6 us, V2-Lite unchanged (33.9 us), so
   // evictions of partly written sectors are only a small part of what the scale stores cost.
-  const uint64_t pol_rows = policy_evict_first(), pol_scales = policy_evict_last();
+  const uint64_t pol_rows = l2_evict_first_policy(), pol_scales = l2_evict_last_policy();
   // Warp 0: the k bulk stores of each row of tile i (a lane per copy), then the stage of tile i - 1, whose stores
   // have read it, takes tile i - 1 + stages.
   const auto store_tile = [&](int i) {
