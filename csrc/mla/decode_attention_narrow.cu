@@ -555,14 +555,20 @@ struct NarrowFp8Smem {
                 "swizzled blocks need 1024-byte alignment, raw tiles 128, the S slots' vectors 16");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
-// Register split after setmaxnreg (kN = 16: 128 x 56 + 256 x 224; kN = 32: 128 x 40 + 256 x 232; both within
-// 384 x 168): the value warpgroup holds O^T (64 at kN = 16, 128 at 32) and two sets of V^T fragments (2 x 32; at
-// kN = 32 2 x 16, half a k step each) while the next k step's loads are in flight. At kN = 32 ptxas still spills one
-// 4-byte value (12 bytes of spill stores in all, -Xptxas -v).
+// Registers per thread after setmaxnreg, producer / scores / values: 56 / 224 / 224 at kN = 16, 48 / 224 / 232 at
+// kN = 32 (each sum within the launch's 3 x 168). The value warpgroup holds O^T (64 at kN = 16, 128 at 32) and two
+// sets of V^T fragments (2 x 32; at kN = 32 2 x 16, half a k step each). At kN = 32 the producer had 40 until the
+// twelfth session: ptxas then spilled inside its copy loop, which issued a tile's copies half as fast as at kN = 16
+// (per-tile timeline); with 48 the spill (12 bytes, -Xptxas -v) sits in the scores warpgroup, 3 values per tile.
 template <int kN>
-constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 40;
+constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 48;
 template <int kN>
-constexpr int kNarrowConsumerRegs = kN == 16 ? 224 : 232;
+constexpr int kNarrowScoreRegs = 224;
+template <int kN>
+constexpr int kNarrowValueRegs = kN == 16 ? 224 : 232;
+static_assert(kNarrowProducerRegs<16> + kNarrowScoreRegs<16> + kNarrowValueRegs<16> <= 504 &&
+                  kNarrowProducerRegs<32> + kNarrowScoreRegs<32> + kNarrowValueRegs<32> <= 504,
+              "register reallocation exceeds the launch's 384 x 168");
 
 // An S slot's per-thread vectors: this thread's kN floats in kN / 4 float4 arrays of [128] (thread order, so the
 // stores and loads are free of bank conflicts).
@@ -722,58 +728,67 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[kN / 2], float (&acc_pe)[k
 // O^T [512 x kN] (+)= V^T P^T of a raw stage, A from registers (rows permuted, see above: this thread's c_kv chunk
 // `chunk` = 8 warp + lane / 4). k step j (tokens 16 j ..): 16-byte loads of tokens 16 j + 2 quad + {0, 1, 8, 9};
 // byte 2 b (+ 1) of the token pairs {0, 1} and {8, 9} interleaved (PRMT) are fragments a0 (a1) and a2 (a3) of
-// M-block b. Two fragment sets as in qk_raw: of a whole k step (8 M-blocks) at kN = 16; at kN = 32, whose O^T takes
-// 64 more registers, of half a k step each (part h: M-blocks h, h + 2, h + 4, h + 6, the byte pairs {2 h, 2 h + 1}
-// of each word). With `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo of P^T (k step j: 32 bytes
-// further).
+// M-block b. Fragment sets u = 0, 1, ..: a whole k step (8 M-blocks) at kN = 16; at kN = 32, whose O^T takes 64 more
+// registers, half a k step each (part h: M-blocks h, h + 2, h + 4, h + 6, the byte pairs {2 h, 2 h + 1} of each
+// word), in two register sets used alternately. Every wgmma is its own commit group, and after wgmma i of set u the
+// thread converts block i of set u + 1 (wait_group kSetBlocks first: wgmma i of set u - 1 read those registers), so
+// the conversions run between the wgmmas instead of after all of them (1-2 % faster at H=16, twelfth session). The
+// loads of k step j + 1 are issued when the last set of k step j starts (its words are converted by then). With
+// `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo of P^T (k step j: 32 bytes further).
 template <int kN>
 __device__ __forceinline__ void pv_raw(float (&o)[8][kN / 2], uint32_t dp, uint32_t raw, int chunk, int quad,
                                        bool restart) {
   constexpr int kParts = kN == 16 ? 1 : 2;  // fragment sets per k step
   constexpr int kSetBlocks = 8 / kParts;     // M-blocks per set
+  constexpr int kSets = kBlockN / 16 * kParts;
   uint32_t frag[2][kSetBlocks][4];
+  uint32_t x[4][4];  // words of tokens t0, t0 + 1, t0 + 8, t0 + 9 (t0 = 16 j + 2 quad) of the k step being converted
+  auto load_step = [&](int j) {
+    const int t0 = 16 * j + 2 * quad;
+    const int tok[4] = {t0, t0 + 1, t0 + 8, t0 + 9};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint4 v = ld_shared_v4(raw + raw_ckv_offset(tok[r], chunk));
+      x[r][0] = v.x;
+      x[r][1] = v.y;
+      x[r][2] = v.z;
+      x[r][3] = v.w;
+    }
+  };
+  // Block i of a set of part `part`: word w, byte pair h of both token pairs.
+  auto convert = [&](uint32_t (&f)[4], int i, int part) {
+    const int w = kParts == 1 ? i >> 1 : i, h = kParts == 1 ? i & 1 : part;
+    const uint32_t sel = h ? 0x7362u : 0x5140u;
+    const uint2 a = e4m3x4_to_f16x4(__byte_perm(x[0][w], x[1][w], sel));
+    const uint2 c = e4m3x4_to_f16x4(__byte_perm(x[2][w], x[3][w], sel));
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = c.x;
+    f[3] = c.y;
+  };
 #pragma unroll
   for (int mb = 0; mb < 8; ++mb) fence_regs(o[mb]);
+  load_step(0);
 #pragma unroll
-  for (int j = 0; j < kBlockN / 16; ++j) {
-    const int t0 = 16 * j + 2 * quad;
-    const uint4 x0 = ld_shared_v4(raw + raw_ckv_offset(t0, chunk));
-    const uint4 x1 = ld_shared_v4(raw + raw_ckv_offset(t0 + 1, chunk));
-    const uint4 x8 = ld_shared_v4(raw + raw_ckv_offset(t0 + 8, chunk));
-    const uint4 x9 = ld_shared_v4(raw + raw_ckv_offset(t0 + 9, chunk));
-    const uint32_t w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
-    const uint32_t w8[4] = {x8.x, x8.y, x8.z, x8.w}, w9[4] = {x9.x, x9.y, x9.z, x9.w};
+  for (int i = 0; i < kSetBlocks; ++i) convert(frag[0][i], i, 0);
 #pragma unroll
-    for (int part = 0; part < kParts; ++part) {
-      const int u = j * kParts + part;  // fragment set u & 1
-      uint32_t(&f)[kSetBlocks][4] = frag[u & 1];
-      if (u >= 2) {
-        wgmma_wait<1>();  // set u - 2's wgmmas, the last readers of this set, are done
+  for (int u = 0; u < kSets; ++u) {
+    const int j = u / kParts, part = u % kParts;
+    if (u + 1 < kSets && part == kParts - 1) load_step(j + 1);
 #pragma unroll
-        for (int i = 0; i < kSetBlocks; ++i) mla_prefill::fence_regs_u32(f[i]);
-      }
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {  // word w: dims 4 w .. 4 w + 3 of the chunk = M-blocks 2 w, 2 w + 1
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (kParts == 2 && h != part) continue;
-          const int i = kParts == 1 ? 2 * w + h : w;  // M-block 2 w + h in this set
-          const uint32_t sel = h ? 0x7362u : 0x5140u;  // bytes {2h, 2h + 1} of both tokens, interleaved
-          const uint2 a = e4m3x4_to_f16x4(__byte_perm(w0[w], w1[w], sel));
-          const uint2 c = e4m3x4_to_f16x4(__byte_perm(w8[w], w9[w], sel));
-          f[i][0] = a.x;
-          f[i][1] = a.y;
-          f[i][2] = c.x;
-          f[i][3] = c.y;
-        }
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int i = 0; i < kSetBlocks; ++i) {
-        const int mb = kParts == 1 ? i : 2 * i + part;
-        wgmma_m64nNk16_rs_f16<kN>(o[mb], f[i], sm90::desc_of(dp + 2 * j), j > 0 || !restart);
-      }
+    for (int i = 0; i < kSetBlocks; ++i) {
+      const int mb = kParts == 1 ? i : 2 * i + part;
+      wgmma_fence();  // before every wgmma: registers of the other set were written since the previous one
+      wgmma_m64nNk16_rs_f16<kN>(o[mb], frag[u & 1][i], sm90::desc_of(dp + 2 * j), j > 0 || !restart);
       wgmma_commit();
+      if (u + 1 < kSets) {
+        uint32_t(&f)[4] = frag[(u + 1) & 1][i];
+        if (u >= 1) {
+          wgmma_wait<kSetBlocks>();  // wgmma i of set u - 1, the last reader of f, is done
+          mla_prefill::fence_regs_u32(f);
+        }
+        convert(f, i, (u + 1) % kParts);
+      }
     }
   }
   wgmma_wait<0>();
@@ -1050,10 +1065,12 @@ __global__ void __launch_bounds__(384, 1) decode_narrow_fp8_kernel(const __grid_
   if (wg == 2) {
     mla_prefill::setmaxnreg_dec<kNarrowProducerRegs<kN>>();
     fp8_producer_raw<kStages>(p, cur, count, base + L::kRaw, bar_full, bar_empty);
+  } else if (wg == 0) {
+    mla_prefill::setmaxnreg_inc<kNarrowScoreRegs<kN>>();
+    narrow_fp8_scores<kN>(p, cur, count, base, smem);
   } else {
-    mla_prefill::setmaxnreg_inc<kNarrowConsumerRegs<kN>>();
-    if (wg == 0) narrow_fp8_scores<kN>(p, cur, count, base, smem);
-    else narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
+    mla_prefill::setmaxnreg_inc<kNarrowValueRegs<kN>>();
+    narrow_fp8_values<kN>(p, cur, count, sched.w, base, smem);
   }
 }
 
