@@ -797,6 +797,58 @@ __device__ __forceinline__ void pv_raw(float (&o)[8][kN / 2], uint32_t dp, uint3
   for (int mb = 0; mb < 8; ++mb) fence_regs(o[mb]);
 }
 
+// The same product with per-warp mma.sync m16n8k16 instead of warpgroup wgmmas: the PV of the N=16 kernel. A wgmma
+// is warpgroup-collective, so each of pv_raw's 32 waits for the slowest of the 4 warps (on 4 SM sub-partitions, each
+// shared with a scores and a producer warp); mma.sync lets each warp run its own 16 dims x kN columns. Measured at
+// N=16 (H=16, B=128): s_k=4096 111 -> 108 us, s_k=16384 397 -> 375 us. At N=32 it is slower (144 -> 155 us): twice
+// the tensor work per token, and mma.sync has half the wgmma's rate. The A fragments and the O^T registers are the
+// wgmma's per-warp ones; B (P^T, [kN x 64 tokens] swizzled as written by the softmax) comes by ldmatrix: for k step
+// j, matrix 2 nb + h is n-block nb, token chunk 2 j + h. No register is read asynchronously, so one fragment at a
+// time and no wait_group. `restart`: O = V^T P^T.
+template <int kN>
+__device__ __forceinline__ void pv_raw_mma(float (&o)[8][kN / 2], uint32_t sp, uint32_t raw, int chunk, int quad,
+                                           bool restart) {
+  constexpr int kNb = kN / 8;  // n-blocks of 8 columns
+  const int lane = threadIdx.x & 31;
+  if (restart) {
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kBlockN / 16; ++j) {
+    const int t0 = 16 * j + 2 * quad;
+    const uint4 x0 = ld_shared_v4(raw + raw_ckv_offset(t0, chunk));
+    const uint4 x1 = ld_shared_v4(raw + raw_ckv_offset(t0 + 1, chunk));
+    const uint4 x8 = ld_shared_v4(raw + raw_ckv_offset(t0 + 8, chunk));
+    const uint4 x9 = ld_shared_v4(raw + raw_ckv_offset(t0 + 9, chunk));
+    const uint32_t w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
+    const uint32_t w8[4] = {x8.x, x8.y, x8.z, x8.w}, w9[4] = {x9.x, x9.y, x9.z, x9.w};
+    uint32_t b[kNb / 2][4];  // per pair of n-blocks: b0, b1 of n-block 2 p, then of 2 p + 1
+#pragma unroll
+    for (int pr = 0; pr < kNb / 2; ++pr) {
+      const int m = lane >> 3, c = 8 * (2 * pr + (m >> 1)) + (lane & 7), ch = 2 * j + (m & 1);
+      ldmatrix_x4(b[pr], sp + c * 128 + ((ch ^ (c & 7)) << 4));
+    }
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {  // word w: dims 4 w .. 4 w + 3 of the chunk = M-blocks 2 w, 2 w + 1
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t sel = h ? 0x7362u : 0x5140u;  // bytes {2h, 2h + 1} of both tokens, interleaved
+        const uint2 a = e4m3x4_to_f16x4(__byte_perm(w0[w], w1[w], sel));
+        const uint2 c = e4m3x4_to_f16x4(__byte_perm(w8[w], w9[w], sel));
+        const uint32_t f[4] = {a.x, a.y, c.x, c.y};
+        const int mb = 2 * w + h;
+#pragma unroll
+        for (int nb = 0; nb < kNb; ++nb)
+          mma_m16n8k16_f16(*reinterpret_cast<float(*)[4]>(&o[mb][4 * nb]), f, b[nb >> 1][2 * (nb & 1)],
+                           b[nb >> 1][2 * (nb & 1) + 1]);
+      }
+    }
+  }
+}
+
 // Column c of the pipelined kernel's O^T times `inv` (registers o[b][i0] and o[b][i0 + 2]: dims 16 chunk + 2 b and
 // + 1) into sequence b's output: bf16 (two 16-byte stores) when the sequence has one split, else the fp32 partial of
 // split `slot` (four).
@@ -993,7 +1045,9 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
       rescale_o<kN>(o, a);
     }
     mbar_wait(bar_full + 8 * rs, rph);  // complete already (S^T(k) needed it): orders the V reads after the copies
-    pv_raw<kN>(o, sm90::desc_lo(sp), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    // N=16: per-warp mma.sync (faster there); N=32: wgmmas (mma.sync measured slower, see pv_raw_mma).
+    if constexpr (kN == 16) pv_raw_mma<kN>(o, sp, base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
+    else pv_raw<kN>(o, sm90::desc_lo(sp), base + L::kRaw + rs * kRawTileBytes, chunk, quad, first);
     // Raw stage rs (V) read by this thread.
     mbar_arrive(bar_empty + 8 * rs);
     if (++rs == kStages) {

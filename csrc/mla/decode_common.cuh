@@ -304,6 +304,24 @@ __device__ __forceinline__ void wgmma_m64n32k16_rs_f16(float (&d)[16], const uin
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
+// Per-warp MMA (no warpgroup coupling): D[16 x 8] += A[16 x 16] * B[16 x 8], f16 in, fp32 accumulation. A has the
+// same per-warp fragment layout as the m64nNk16 wgmma's register A (rows g, g + 8 with g = lane / 4); B: b0 = (k 2q,
+// 2q + 1; n g), b1 = (k 2q + 8, 2q + 9; n g); D: d0, d1 = (row g, n 2q, 2q + 1), d2, d3 = (row g + 8, same n), i.e.
+// the wgmma accumulator's registers 4 nb .. 4 nb + 3 of n-block nb.
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8 x 8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8; register i of
+// lane (g, q) receives elements 2q, 2q + 1 of row g of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 template <int kN>
 __device__ __forceinline__ void wgmma_m64nNk16_rs_f16(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                                       int scale_d) {
