@@ -556,8 +556,8 @@ struct NarrowFp8Smem {
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
 // Registers per thread after setmaxnreg, producer / scores / values: 56 / 224 / 224 at kN = 16, 48 / 224 / 232 at
-// kN = 32 (each sum within the launch's 3 x 168). The value warpgroup holds O^T (64 at kN = 16, 128 at 32) and two
-// sets of V^T fragments (2 x 32; at kN = 32 2 x 16, half a k step each). At kN = 32 the producer had 40 until the
+// kN = 32 (each sum within the launch's 3 x 168). The value warpgroup holds O^T (64 at kN = 16, 128 at 32) and, at
+// kN = 32, two sets of V^T fragments (2 x 16, half a k step each; kN = 16's mma.sync PV holds one). At kN = 32 the producer had 40 until the
 // twelfth session: ptxas then spilled inside its copy loop, which issued a tile's copies half as fast as at kN = 16
 // (per-tile timeline); with 48 the spill (12 bytes, -Xptxas -v) sits in the scores warpgroup, 3 values per tile.
 template <int kN>
