@@ -227,23 +227,31 @@ __device__ __forceinline__ void rescale_o(float (&o)[kMB][kN / 2], const float (
   }
 }
 
-// Online softmax step of a tile for this thread's kN / 4 columns: the column max over the 4 warps' quad maxima in
-// red[warp * kN + column], times the column's log2 scale qs, updates the running max m (log2 domain) and gives the
+// The tile's max of each of this thread's kN / 4 columns over the 4 warps' quad maxima in red[warp * kN + column].
+template <int kN>
+__device__ __forceinline__ void warps_column_max(const float* red, int quad, float (&w)[kN / 4]) {
+#pragma unroll
+  for (int jj = 0; jj < kN / 4; ++jj) {
+    const int c = 8 * (jj >> 1) + 2 * quad + (jj & 1);
+    w[jj] = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+  }
+}
+
+// Online softmax step of a tile for this thread's kN / 4 columns: the tile's column max w (warps_column_max), times
+// the column's log2 scale qs, updates the running max m (log2 domain) and gives the
 // rescale factor a of the previous tiles; s becomes exp2(s qs - m) and l (this thread's partial row sums) l a + sum.
 // kLazy > 0: m moves only when the tile's max exceeds it by more than kLazy (then to that max), so P <= 2^kLazy and
 // most tiles after the first few rescale nothing (a = 1 in the whole warp skips rescale_o); out = O / l and the lse
 // m ln 2 + ln l are the same for any m.
 template <int kN, int kLazy = 0>
-__device__ __forceinline__ void softmax_update(float (&s)[kN / 2], const float* red, const float (&qs)[kN / 4],
-                                               int quad, float (&m)[kN / 4], float (&l)[kN / 4],
+__device__ __forceinline__ void softmax_update(float (&s)[kN / 2], const float (&w)[kN / 4],
+                                               const float (&qs)[kN / 4], float (&m)[kN / 4], float (&l)[kN / 4],
                                                float (&a)[kN / 4]) {
   float u[kN / 4], sum[kN / 4];
 #pragma unroll
   for (int jj = 0; jj < kN / 4; ++jj) {
-    const int c = 8 * (jj >> 1) + 2 * quad + (jj & 1);
-    const float w = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
     // Running max in the log2 domain; a column that has seen no key yet keeps -inf and subtracts 0 instead.
-    const float cand = w * qs[jj];
+    const float cand = w[jj] * qs[jj];
     // Lazy: a column that has seen no key yet (m = -inf) takes the first finite max, as fmaxf does.
     const float n = kLazy == 0 ? fmaxf(m[jj], cand) : (cand > m[jj] + kLazy ? cand : m[jj]);
     u[jj] = n == -INFINITY ? 0.f : n;
@@ -380,10 +388,11 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_narrow_kernel(con
         for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
       }
       named_bar_sync<128>(2);
-      float qs[kCols];
+      float qs[kCols], w[kCols];
 #pragma unroll
       for (int jj = 0; jj < kCols; ++jj) qs[jj] = scale_log2;
-      softmax_update<kN>(s, red, qs, quad, m, l, a);
+      warps_column_max<kN>(red, quad, w);
+      softmax_update<kN>(s, w, qs, m, l, a);
       // P^T [kN x 64 tokens] bf16, K-major swizzled (row c, 16-byte chunk tok / 8 at chunk (tok / 8) ^ (c % 8)).
       // e4m3: each token's value factor f (the V tile holds unscaled e4m3 * 2^-112).
 #pragma unroll
@@ -485,14 +494,16 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     kFp8RawStages<kN> stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
 //   * warpgroup 0 (scores): K straight from the raw stage into wgmma register fragments (16-byte loads, one cvt per
 //     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64nNk16, A from registers), scaled per
-//     token, into one of two S slots (each thread its own N / 2 values and its two tokens' s_c);
-//   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into its own P^T buffer, V^T fragments from
-//     the same raw stage (byte interleave of token pairs, then cvt), O^T [512 x kN] *= alpha(j), += V^T(j) P^T(j)
-//     (32 wgmma), the output and lse at a sequence's last tile.
+//     token and masked, into one of two S slots (each thread its own N / 2 values and its two tokens' s_c, each warp
+//     its column maxima and max s_c over its 16 tokens);
+//   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into one of its two P^T buffers, V^T
+//     fragments from the same raw stage (byte interleave of token pairs, then cvt), O^T [512 x kN] *= alpha(j),
+//     += V^T(j) P^T(j) (mma.sync at N = 16, 32 wgmma at N = 32), the output and lse at a sequence's last tile.
 // The softmax sits with the values: S^T with its K conversions is the longer half (~700 instructions per warp and
 // tile against ~390 for PV, profiled with the softmax on the scores side). The m64nN accumulator gives thread
 // (warp w, lane) the same columns in both warpgroups, so the S slot hands each thread's registers over unchanged and
-// the softmax code is the same one, only run by warpgroup 1 (its warp exchanges on named barrier 4).
+// the softmax code is the same one, only run by warpgroup 1. The mask and the per-warp maxima moved to the scores
+// (thirteenth session): they leave the value warpgroup's chain, and with them its first named barrier per tile.
 // Why: with a converted f16 stage every tile crossed shared memory ~4 times (raw write, raw read, f16 write, and the
 // wgmma's A reads of 20 wavefronts per m64n16k16): ~3,000 shared-memory wavefronts per 64-token tile measured
 // (ncu), ~77 % of the SM's cycles, which set the pace of all three roles. Register fragments read each raw byte once
@@ -530,28 +541,43 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 // S slots (2 x 13 KB) are twice as large.
 template <int kN>
 constexpr int kFp8RawStages = kN == 16 ? 5 : 4;
+// Where a tile's mask, per-warp column maxima and max s_c are computed. At kN = 32 in the scores warpgroup (into the S
+// slot), which takes them off the value warpgroup's chain and with them its first named barrier per tile: H=32
+// s_k=4096 143.5 -> 136.6 us, 16384 -5.5 %, H=16 s_q=2 -4.9 % (thirteenth session, one run, two builds). At kN = 16
+// in the value warpgroup after its slot reads (as before): the move measured 2-4 % slower there.
+template <int kN>
+constexpr bool kMaxInScores = kN == 32;
 
 // Shared memory plan (byte offsets from a 1024-aligned base): f16 Q [kN x 576] (9 column blocks of kN * 128 bytes,
-// logical k order), P^T [kN x 64], the raw ring, 2 S slots, warpgroup 1's exchanges (column maxima, tile max s_c,
-// row sums), the per column softmax scales of store_q_f16, the mbarriers.
-// One P^T buffer and one set of exchanges suffice: warpgroup 1 passes two named barriers per tile (column maxima,
-// then P^T), and a warp writes tile k + 1's after the first of k + 1, which every warp reaches only after its reads
-// of tile k's (exchanges: before the second barrier of k; P^T: the PV wgmma of k, waited for).
+// logical k order), kPBufs P^T [kN x 64], the raw ring, 2 S slots, warpgroup 1's column maxima and max s_c exchange
+// (used without kMaxInScores), kPBufs sets of its row sums, the per column softmax scales of store_q_f16, the
+// mbarriers.
+// With kMaxInScores, warpgroup 1 passes one named barrier per tile (P^T complete, and at a sequence's last tile its
+// row sums), so tile k's P^T and row sums go to buffer k & 1: a warp writes buffer k & 1 again at tile k + 2, after
+// the barrier of k + 1, which every warp reaches only after its reads of tile k's (the PV of k, the output of k).
+// Without it, one buffer and one exchange suffice: the exchange is a first barrier per tile, and a warp writes tile
+// k + 1's after the first barrier of k + 1, which every warp reaches only after its reads of tile k's (exchange:
+// before the second barrier of k; P^T: the PV of k). (At kN = 16 this is the layout from before kMaxInScores: a build
+// with the double-buffered one at both N ran H=16 at 110.1 us against 107.6 for main in the run before.)
 // S slot (per thread t of 128, plain vector stores in thread order, so without bank conflicts): the thread's kN / 2 S
-// values 4 v .. 4 v + 3 in float4 array v (kN / 8 arrays of [128]), the columns' softmax scales (kN / 16 float4
-// arrays, written at a sequence's first tile only), s_c of tokens t_lo, t_hi (float2 [128]).
+// values 4 v .. 4 v + 3 in float4 array v (kN / 8 arrays of [128]), masked; the columns' softmax scales (kN / 16
+// float4 arrays, written at a sequence's first tile only); s_c of tokens t_lo, t_hi (float2 [128]); with
+// kMaxInScores, each warp's column maxima over its 16 tokens (float [4][kN]) and max s_c (float [4]).
 template <int kN>
 struct NarrowFp8Smem {
   static constexpr int kStages = kFp8RawStages<kN>;
   static constexpr int kQBlock = kN * 128;
   static constexpr int kSlotS = 0, kSlotQs = kN / 8 * 128 * 16, kSlotSc = kSlotQs + kN / 16 * 128 * 16;
-  static constexpr int kSlotBytes = kSlotSc + 128 * 8;
-  static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + kQBlock;
+  static constexpr int kPBufs = kMaxInScores<kN> ? 2 : 1;
+  static constexpr int kSlotRed = kSlotSc + 128 * 8, kSlotSig = kSlotRed + 4 * kN * 4;
+  static constexpr int kSlotBytes = kMaxInScores<kN> ? kSlotSig + 4 * 4 : kSlotRed;
+  static constexpr int kQ = 0, kP = kQ + 9 * kQBlock, kRaw = kP + kPBufs * kQBlock;
   static constexpr int kS = kRaw + kStages * kRawTileBytes, kRed = kS + 2 * kSlotBytes;
-  static constexpr int kRedSig = kRed + 4 * kN * 4, kRedL = kRedSig + 4 * 4, kQScale = kRedL + 4 * kN * 4;
+  static constexpr int kRedSig = kRed + 4 * kN * 4, kRedL = kRedSig + 4 * 4, kQScale = kRedL + kPBufs * 4 * kN * 4;
   static constexpr int kBar = kQScale + kN * 4;
   static constexpr int kBytes = kBar + (2 * kStages + 4) * 8;
-  static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kS % 16 == 0 && kBar % 8 == 0,
+  static_assert(kP % 1024 == 0 && kQBlock % 1024 == 0 && kRaw % 128 == 0 && kS % 16 == 0 && kSlotBytes % 16 == 0 &&
+                    kBar % 8 == 0,
                 "swizzled blocks need 1024-byte alignment, raw tiles 128, the S slots' vectors 16");
   static_assert(kBytes + kSmemSlack <= 232448, "the H100/H200 per-block shared memory limit is 227 KB");
 };
@@ -874,7 +900,8 @@ __device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const 
   }
 }
 
-// Warpgroup 0 of the pipelined kernel: S^T, scaled per token, into the S slots (see above). Its own cursor over the
+// Warpgroup 0 of the pipelined kernel: S^T, scaled per token and masked, with each warp's column maxima and max s_c,
+// into the S slots (see above). Its own cursor over the
 // run (as the other roles'), so the three never exchange positions.
 template <int kN>
 __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, uint32_t base,
@@ -936,14 +963,31 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i)
       s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
+    // kMaxInScores: the mask and this warp's column maxima and max s_c, here rather than in the value warpgroup.
+    float mx[kCols], gmax = 0.f;
+    if constexpr (kMaxInScores<kN>) {
+      mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
+      quad_column_max<kN>(s, mx);
+      gmax = fmaxf(f_lo.x, f_hi.x);
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+    }
 
     // Into slot st once the value warpgroup has read tile k - 2 there (parity trick: the first use of each slot passes
-    // at once); the mask and the softmax run there, on these registers.
+    // at once); the softmax (and without kMaxInScores the mask) runs there.
     mbar_wait(bar_sempty + 8 * st, ((k >> 1) & 1) ^ 1);
     uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
     slot_store<kN / 2>(sx + L::kSlotS, s, t);
     reinterpret_cast<float2*>(sx + L::kSlotSc)[t] = make_float2(f_lo.x, f_hi.x);
     if (first) slot_store<kCols>(sx + L::kSlotQs, qs, t);
+    if constexpr (kMaxInScores<kN>) {
+      if (lane < 4) {
+        float* red = reinterpret_cast<float*>(sx + L::kSlotRed);
+#pragma unroll
+        for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
+      }
+      if (lane == 0) reinterpret_cast<float*>(sx + L::kSlotSig)[warp] = gmax;
+    }
     mbar_arrive(bar_sfull + 8 * st);
     cur.advance(p);
   }
@@ -966,10 +1010,6 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
   const int t_lo = warp * 16 + (lane >> 2), t_hi = t_lo + 8;
   const int chunk = 8 * warp + (lane >> 2);
   auto col = [&](int jj) { return 8 * (jj >> 1) + 2 * quad + (jj & 1); };
-  float* red = reinterpret_cast<float*>(smem + L::kRed);
-  float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig);
-  float* red_l = reinterpret_cast<float*>(smem + L::kRedL);
-  const uint32_t sp = base + L::kP;
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 8 * kStages,
                  bar_sfull = bar_empty + 8 * kStages, bar_sempty = bar_sfull + 16;
 
@@ -987,7 +1027,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     const int st = k & 1;  // S slot
     mbar_wait(bar_sfull + 8 * st, (k >> 1) & 1);
     const uint8_t* sx = smem + L::kS + st * L::kSlotBytes;
-    float s[kN / 2];
+    float s[kN / 2];  // masked by the scores with kMaxInScores
     slot_load<kN / 2>(s, sx + L::kSlotS, t);
     const float2 sc = reinterpret_cast<const float2*>(sx + L::kSlotSc)[t];  // s_c of tokens t_lo, t_hi
     if (first) {
@@ -998,32 +1038,47 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
         l[jj] = 0.f;
       }
     }
-    // This thread's reads of slot st are done (registers).
-    mbar_arrive(bar_sempty + 8 * st);
-
-    mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
-    // Column max over the 64 tokens and the tile's max s_c: own 2, the 8 lanes of the same quad, then the 4 warps.
-    float mx[kCols];
-    quad_column_max<kN>(s, mx);
-    float gmax = fmaxf(sc.x, sc.y);
+    // The tile's column maxima w and max s_c over the 4 warps' maxima over their 16 tokens.
+    float w[kCols], smax;
+    if constexpr (kMaxInScores<kN>) {  // computed by the scores, in the slot
+      warps_column_max<kN>(reinterpret_cast<const float*>(sx + L::kSlotRed), quad, w);
+      const float* sig = reinterpret_cast<const float*>(sx + L::kSlotSig);
+      smax = fmaxf(fmaxf(sig[0], sig[1]), fmaxf(sig[2], sig[3]));
+      // This thread's reads of slot st are done (registers).
+      mbar_arrive(bar_sempty + 8 * st);
+    } else {
+      mbar_arrive(bar_sempty + 8 * st);  // this thread's reads of slot st are done (registers)
+      mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
+      float mx[kCols];
+      quad_column_max<kN>(s, mx);
+      float gmax = fmaxf(sc.x, sc.y);
 #pragma unroll
-    for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
-    if (lane < 4) {
+      for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+      float* red = reinterpret_cast<float*>(smem + L::kRed);
+      float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig);
+      if (lane < 4) {
 #pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
+        for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
+      }
+      if (lane == 0) red_sig[warp] = gmax;
+      named_bar_sync<128>(kBar);
+      warps_column_max<kN>(red, quad, w);
+      smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
     }
-    if (lane == 0) red_sig[warp] = gmax;
-    named_bar_sync<128>(kBar);
+
     // sigma = 2^(E - 14 + kLazyMax) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so
     // that sigma and 1 / sigma stay normal fp32): P s_c / sigma < 2^15 for P <= 2^kLazyMax, inside f16's range.
-    const float smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
     const int sig_e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
     const float inv_sigma = __int_as_float((127 + 14 - kLazyMax - sig_e) << 23);
     // O^T is in units of the previous tile's sigma: times sigma_{k-1} / sigma_k (first tile: O restarts).
     const float ratio = __int_as_float((127 + (first ? 0 : min(max(sig_prev - sig_e, -126), 127))) << 23);
     sig_prev = sig_e;
     float a[kCols];
-    softmax_update<kN, kLazyMax>(s, red, qs, quad, m, l, a);
+    softmax_update<kN, kLazyMax>(s, w, qs, m, l, a);
+    // Tile k's P^T and row sums: buffer k & 1 with kMaxInScores, else the one buffer (see NarrowFp8Smem).
+    const int pb = L::kPBufs == 2 ? st : 0;
+    const uint32_t sp = base + L::kP + pb * L::kQBlock;
+    float* red_l = reinterpret_cast<float*>(smem + L::kRedL) + pb * 4 * kN;
     // P^T [kN x 64 tokens] f16 of P s_c / sigma, K-major swizzled as in decode_narrow_kernel.
     const float g_lo = sc.x * inv_sigma, g_hi = sc.y * inv_sigma;
 #pragma unroll
