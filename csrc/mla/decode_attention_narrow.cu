@@ -494,16 +494,16 @@ void launch_narrow(const DecodeParams& p, int parts, bool programmatic, cudaStre
 //     kFp8RawStages<kN> stages, nothing else (block-table lookups a tile ahead, one mbarrier arrival per thread);
 //   * warpgroup 0 (scores): K straight from the raw stage into wgmma register fragments (16-byte loads, one cvt per
 //     pair: e4m3 codes are exact f16 values), S^T(j) = K Q^T (36 wgmma m64nNk16, A from registers), scaled per
-//     token and masked, into one of two S slots (each thread its own N / 2 values and its two tokens' s_c, each warp
-//     its column maxima and max s_c over its 16 tokens);
-//   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into one of its two P^T buffers, V^T
+//     token, into one of two S slots (each thread its own N / 2 values and its two tokens' s_c; at N = 32 also
+//     masked, with each warp's column maxima and max s_c over its 16 tokens: kMaxInScores);
+//   * warpgroup 1 (values): the online softmax of S^T(j), P^T(j) as f16 into its P^T buffer (two at N = 32), V^T
 //     fragments from the same raw stage (byte interleave of token pairs, then cvt), O^T [512 x kN] *= alpha(j),
 //     += V^T(j) P^T(j) (mma.sync at N = 16, 32 wgmma at N = 32), the output and lse at a sequence's last tile.
 // The softmax sits with the values: S^T with its K conversions is the longer half (~700 instructions per warp and
 // tile against ~390 for PV, profiled with the softmax on the scores side). The m64nN accumulator gives thread
 // (warp w, lane) the same columns in both warpgroups, so the S slot hands each thread's registers over unchanged and
-// the softmax code is the same one, only run by warpgroup 1. The mask and the per-warp maxima moved to the scores
-// (thirteenth session): they leave the value warpgroup's chain, and with them its first named barrier per tile.
+// the softmax code is the same one, only run by warpgroup 1. At N = 32 the mask and the per-warp maxima moved to the
+// scores (thirteenth session): they leave the value warpgroup's chain, and with them its first named barrier per tile.
 // Why: with a converted f16 stage every tile crossed shared memory ~4 times (raw write, raw read, f16 write, and the
 // wgmma's A reads of 20 wavefronts per m64n16k16): ~3,000 shared-memory wavefronts per 64-token tile measured
 // (ncu), ~77 % of the SM's cycles, which set the pace of all three roles. Register fragments read each raw byte once
@@ -544,7 +544,8 @@ constexpr int kFp8RawStages = kN == 16 ? 5 : 4;
 // Where a tile's mask, per-warp column maxima and max s_c are computed. At kN = 32 in the scores warpgroup (into the S
 // slot), which takes them off the value warpgroup's chain and with them its first named barrier per tile: H=32
 // s_k=4096 143.5 -> 136.6 us, 16384 -5.5 %, H=16 s_q=2 -4.9 % (thirteenth session, one run, two builds). At kN = 16
-// in the value warpgroup after its slot reads (as before): the move measured 2-4 % slower there.
+// in the value warpgroup after its slot reads (as before): a build with the move (and the layout it needs, see
+// NarrowFp8Smem) at both N ran H=16 2-4 % slower.
 template <int kN>
 constexpr bool kMaxInScores = kN == 32;
 
@@ -560,9 +561,9 @@ constexpr bool kMaxInScores = kN == 32;
 // before the second barrier of k; P^T: the PV of k). (At kN = 16 this is the layout from before kMaxInScores: a build
 // with the double-buffered one at both N ran H=16 at 110.1 us against 107.6 for main in the run before.)
 // S slot (per thread t of 128, plain vector stores in thread order, so without bank conflicts): the thread's kN / 2 S
-// values 4 v .. 4 v + 3 in float4 array v (kN / 8 arrays of [128]), masked; the columns' softmax scales (kN / 16
-// float4 arrays, written at a sequence's first tile only); s_c of tokens t_lo, t_hi (float2 [128]); with
-// kMaxInScores, each warp's column maxima over its 16 tokens (float [4][kN]) and max s_c (float [4]).
+// values 4 v .. 4 v + 3 in float4 array v (kN / 8 arrays of [128]), masked with kMaxInScores; the columns' softmax
+// scales (kN / 16 float4 arrays, written at a sequence's first tile only); s_c of tokens t_lo, t_hi (float2 [128]);
+// with kMaxInScores, each warp's column maxima over its 16 tokens (float [4][kN]) and max s_c (float [4]).
 template <int kN>
 struct NarrowFp8Smem {
   static constexpr int kStages = kFp8RawStages<kN>;
@@ -583,9 +584,10 @@ struct NarrowFp8Smem {
 };
 // Registers per thread after setmaxnreg, producer / scores / values: 56 / 224 / 224 at kN = 16, 48 / 224 / 232 at
 // kN = 32 (each sum within the launch's 3 x 168). The value warpgroup holds O^T (64 at kN = 16, 128 at 32) and, at
-// kN = 32, two sets of V^T fragments (2 x 16, half a k step each; kN = 16's mma.sync PV holds one). At kN = 32 the producer had 40 until the
-// twelfth session: ptxas then spilled inside its copy loop, which issued a tile's copies half as fast as at kN = 16
-// (per-tile timeline); with 48 the spill (12 bytes, -Xptxas -v) sits in the scores warpgroup, 3 values per tile.
+// kN = 32, two sets of V^T fragments (2 x 16, half a k step each; kN = 16's mma.sync PV holds one). At kN = 32 the
+// producer had 40 until the twelfth session: ptxas then spilled inside its copy loop, which issued a tile's copies
+// half as fast as at kN = 16 (per-tile timeline); with 48 the spill (12 bytes, -Xptxas -v) sits in the scores
+// warpgroup, 3 values per tile.
 template <int kN>
 constexpr int kNarrowProducerRegs = kN == 16 ? 56 : 48;
 template <int kN>
@@ -900,9 +902,9 @@ __device__ __forceinline__ void store_o_column_raw(const DecodeParams& p, const 
   }
 }
 
-// Warpgroup 0 of the pipelined kernel: S^T, scaled per token and masked, with each warp's column maxima and max s_c,
-// into the S slots (see above). Its own cursor over the
-// run (as the other roles'), so the three never exchange positions.
+// Warpgroup 0 of the pipelined kernel: S^T, scaled per token (with kMaxInScores also masked, with each warp's column
+// maxima and max s_c), into the S slots (see above). Its own cursor over the run (as the other roles'), so the three
+// never exchange positions.
 template <int kN>
 __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor cur, int count, uint32_t base,
                                                   uint8_t* smem) {
