@@ -34,7 +34,10 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
   16384, 1.29x at 1024); without the PV the kernel runs at its skeleton's 93-95 us: the PV is what is not overlapped.
   Tenth session: the pipelined kernel for H * s_q in 17..32 too (N = 32: H=32, H=16 s_q=2), predicted 120-135 us at
   H=32 s_k=4096 (1.27-1.42x), measured 152 us (1.14x; the one-stage kernel 210 us, 0.82x); with a lazy running max
-  (O^T rescaled only when a column max moves by > 2^8) 148 us (1.17x), H=16 unchanged at 112 us.
+  (O^T rescaled only when a column max moves by > 2^8) 148 us (1.17x), H=16 unchanged at 112 us. Thirteenth
+  session: the N=16 PV by per-warp mma.sync, predicted ~100 us, measured 107 us at H=16 (1.49x; 1.52-1.54x at 8192 /
+  16384); at N=32 the mask and per-warp maxima moved to the scores warpgroup, predicted ~135 us, measured 137 us at
+  H=32 and H=16 s_q=2 (1.24x).
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """
