@@ -149,6 +149,30 @@ __device__ __forceinline__ void quad_column_max(const float (&s)[kN / 2], float 
   }
 }
 
+// A tile's mask, then this warp's column maxima mx over its 16 tokens (quad_column_max) and the max gmax of its
+// tokens' s_c (this thread's sc_lo, sc_hi): what the pipelined FP8 kernel's softmax needs from each warp.
+template <int kN>
+__device__ __forceinline__ void mask_and_warp_maxima(float (&s)[kN / 2], const DecodeParams& p, const Cursor& cur,
+                                                     int t_lo, int t_hi, int quad, float sc_lo, float sc_hi,
+                                                     float (&mx)[kN / 4], float& gmax) {
+  mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
+  quad_column_max<kN>(s, mx);
+  gmax = fmaxf(sc_lo, sc_hi);
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+}
+// This warp's mx into red[warp * kN + column] and gmax into sig[warp] (`col(jj)`: the column of this thread's jj-th
+// value); warps_column_max then combines the 4 warps'.
+template <int kN, typename Col>
+__device__ __forceinline__ void publish_warp_maxima(const float (&mx)[kN / 4], float gmax, float* red, float* sig,
+                                                    int warp, int lane, Col col) {
+  if (lane < 4) {
+#pragma unroll
+    for (int jj = 0; jj < kN / 4; ++jj) red[warp * kN + col(jj)] = mx[jj];
+  }
+  if (lane == 0) sig[warp] = gmax;
+}
+
 // A sequence's row sums at its last tile, per column: each thread's partial sums l over the 8 lanes of its quad, the
 // warp's result into its kN slice of red_l (`col(jj)`: the column of this thread's jj-th value), then named barrier
 // `bar` of the warpgroup's 128 threads; warpgroup_column_sum then gives any column's total over the 4 warps.
@@ -967,13 +991,7 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
       s[i] = (i & 2) ? s[i] * f_hi.x + s_pe[i] * f_hi.y : s[i] * f_lo.x + s_pe[i] * f_lo.y;
     // kMaxInScores: the mask and this warp's column maxima and max s_c, here rather than in the value warpgroup.
     float mx[kCols], gmax = 0.f;
-    if constexpr (kMaxInScores<kN>) {
-      mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
-      quad_column_max<kN>(s, mx);
-      gmax = fmaxf(f_lo.x, f_hi.x);
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
-    }
+    if constexpr (kMaxInScores<kN>) mask_and_warp_maxima<kN>(s, p, cur, t_lo, t_hi, quad, f_lo.x, f_hi.x, mx, gmax);
 
     // Into slot st once the value warpgroup has read tile k - 2 there (parity trick: the first use of each slot passes
     // at once); the softmax (and without kMaxInScores the mask) runs there.
@@ -982,14 +1000,9 @@ __device__ __forceinline__ void narrow_fp8_scores(const DecodeParams& p, Cursor 
     slot_store<kN / 2>(sx + L::kSlotS, s, t);
     reinterpret_cast<float2*>(sx + L::kSlotSc)[t] = make_float2(f_lo.x, f_hi.x);
     if (first) slot_store<kCols>(sx + L::kSlotQs, qs, t);
-    if constexpr (kMaxInScores<kN>) {
-      if (lane < 4) {
-        float* red = reinterpret_cast<float*>(sx + L::kSlotRed);
-#pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
-      }
-      if (lane == 0) reinterpret_cast<float*>(sx + L::kSlotSig)[warp] = gmax;
-    }
+    if constexpr (kMaxInScores<kN>)
+      publish_warp_maxima<kN>(mx, gmax, reinterpret_cast<float*>(sx + L::kSlotRed),
+                              reinterpret_cast<float*>(sx + L::kSlotSig), warp, lane, col);
     mbar_arrive(bar_sfull + 8 * st);
     cur.advance(p);
   }
@@ -1050,19 +1063,11 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
       mbar_arrive(bar_sempty + 8 * st);
     } else {
       mbar_arrive(bar_sempty + 8 * st);  // this thread's reads of slot st are done (registers)
-      mask_scores<kN>(s, p, cur, t_lo, t_hi, quad);
-      float mx[kCols];
-      quad_column_max<kN>(s, mx);
-      float gmax = fmaxf(sc.x, sc.y);
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+      float mx[kCols], gmax;
+      mask_and_warp_maxima<kN>(s, p, cur, t_lo, t_hi, quad, sc.x, sc.y, mx, gmax);
       float* red = reinterpret_cast<float*>(smem + L::kRed);
       float* red_sig = reinterpret_cast<float*>(smem + L::kRedSig);
-      if (lane < 4) {
-#pragma unroll
-        for (int jj = 0; jj < kCols; ++jj) red[warp * kN + col(jj)] = mx[jj];
-      }
-      if (lane == 0) red_sig[warp] = gmax;
+      publish_warp_maxima<kN>(mx, gmax, red, red_sig, warp, lane, col);
       named_bar_sync<128>(kBar);
       warps_column_max<kN>(red, quad, w);
       smax = fmaxf(fmaxf(red_sig[0], red_sig[1]), fmaxf(red_sig[2], red_sig[3]));
