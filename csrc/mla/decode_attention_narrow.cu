@@ -787,6 +787,8 @@ __device__ __forceinline__ void qk_raw(float (&acc_c)[kN / 2], float (&acc_pe)[k
 // the conversions run between the wgmmas instead of after all of them (1-2 % faster at H=16, twelfth session). The
 // loads of k step j + 1 are issued when the last set of k step j starts (its words are converted by then). With
 // `restart`, O = V^T P^T (whatever O held is discarded). dp: desc_lo of P^T (k step j: 32 bytes further).
+// The kernel runs this at kN = 32 only: kN = 16 uses pv_raw_mma, which measured faster there (its kN = 16 branches
+// here are kept as the measured reference, not instantiated).
 template <int kN>
 __device__ __forceinline__ void pv_raw(float (&o)[8][kN / 2], uint32_t dp, uint32_t raw, int chunk, int quad,
                                        bool restart) {
