@@ -155,14 +155,14 @@ def test_decode_fp8_narrow_variants(batch, s_q, heads, lens, block_size, pipe, m
 WIDE = [(-30, -20), (0, -20), (30, -20), (0, -4)]
 
 
-@pytest.mark.parametrize("heads", [16, 32], ids=["H16", "H32"])
+@pytest.mark.parametrize("heads", [16, 32, 128], ids=["H16", "H32", "H128"])
 @pytest.mark.parametrize("q_exp, sc_lo", WIDE, ids=[f"q2^{q}-scales2^{s}" for q, s in WIDE])
 def test_decode_fp8_wide_scales(q_exp, sc_lo, heads):
     """FP8 cache whose per-token scales (c_kv and k_pe) span 24 binades inside every tile, and query rows of
-    magnitudes 2^(q_exp - 8) .. 2^(q_exp + 8) in one call (the softmax scale compensating both). The pipelined e4m3
-    kernel (s_q = 1, H = 16 or 32: N = 16 or 32) runs its MMAs in f16 and moves these magnitudes into power-of-two
-    fp32 factors (per query row for Q, per tile for P s_c): q rows of 2^-38 or 2^38, or values up to 2^20 * 448, do
-    not fit f16 otherwise."""
+    magnitudes 2^(q_exp - 8) .. 2^(q_exp + 8) in one call (the softmax scale compensating both). Both e4m3 kernels
+    (the pipelined narrow one at H = 16 and 32, the 64-row one at H = 128) run their MMAs in f16 and move these
+    magnitudes into power-of-two fp32 factors (per query row for Q, per tile for P s_c): q rows of 2^-38 or 2^38, or
+    values up to 2^20 * 448, do not fit f16 otherwise."""
     q, cache, scale, table, lens = _inputs([4096, 130, 64, 1, 700], 1, heads, 64, True, seed=21)
     g = torch.Generator().manual_seed(22)
     wide = torch.exp2(torch.rand(scale.shape, generator=g) * 24 + sc_lo).to(scale.device)

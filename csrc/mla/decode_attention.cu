@@ -7,13 +7,16 @@
 //     block table, so any block size works; tokens past the sequence end are zero-filled, never read (unused pages
 //     may hold NaN);
 //   * e4m3 cache: a third warpgroup (the producer, 104 registers after setmaxnreg) streams the raw rows into
-//     registers (one tile in flight) and converts them into one of two bf16 stages while the consumers compute the
-//     previous tile (mbarriers full/empty per stage). The conversion has no multiply: the stage holds e4m3 * 2^-112
-//     exactly (cvt to f16, then a bit move); the per-token scales are applied in fp32 by the consumers (k_pe part of
-//     S scaled by s_pe / s_c, then S columns by s_c; P columns by s_c before P is rounded to bf16);
+//     registers (one tile in flight, each row's block-table entry resolved a tile earlier) and converts them into one
+//     of two f16 stages while the consumers compute the previous tile (mbarriers full/empty per stage). The stage
+//     holds the e4m3 codes as f16 (one cvt per pair, exact); the consumers run f16 MMAs with Q converted in place to
+//     f16 (each row times a power of two, q_to_f16) and P as f16 P s_c / sigma (a power of two per tile), and apply
+//     the per-token scales in fp32 (k_pe part of S scaled by s_pe / s_c, then S columns by s_c). Until the
+//     fourteenth session the stage held bf16 e4m3 * 2^-112 (three more integer instructions per pair: the producer,
+//     busy ~90 % of the time, set the pace; H=128 s_k=4096 452 -> 410 us);
 //   * warpgroup 0 computes S = Q K^T (36 wgmma m64n64k16, Q and K from shared memory), masks the tail and the causal
-//     triangle, runs the online softmax in fp32 (exp2 of log2e-scaled scores), and writes P (bf16) and the per-row
-//     rescale factor to shared memory;
+//     triangle, runs the online softmax in fp32 (exp2 of log2e-scaled scores), and writes P (bf16; e4m3: f16) and
+//     the per-row rescale factor to shared memory;
 //   * both warpgroups rescale and accumulate O += P V for their 256 output columns (4 wgmma m64n256k16, V being the
 //     same shared tile read MN-major), so the 64 x 512 fp32 accumulator takes 128 registers per thread.
 // The consumers synchronize with __syncthreads (bf16 cache, 256 threads) or named barrier 1 (e4m3 cache: the producer
@@ -58,14 +61,14 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t dst, int 
 
 // S[64 x 64] (+)= Q[64 x 576] K[64 x 576]^T over the 16-column k steps [kk0, kk1) by warpgroup 0 (step kk reads 16
 // columns, 32 bytes into a column block); `first_zeroes`: the first step overwrites S instead of accumulating.
-template <int kk0, int kk1, bool first_zeroes>
+template <int kk0, int kk1, bool first_zeroes, bool kF16 = false>
 __device__ __forceinline__ void qk_steps(float (&s)[32], uint32_t q, uint32_t kv) {
   fence_regs(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = kk0; kk < kk1; ++kk) {
     const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    wgmma_m64n64k16_ss(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), !(first_zeroes && kk == kk0));
+    wgmma_m64n64k16_ss<kF16>(s, smem_desc(q + off, 16), smem_desc(kv + off, 16), !(first_zeroes && kk == kk0));
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -94,31 +97,72 @@ __device__ __forceinline__ void scale_cols_fp8(float (&s)[32], const float* fac,
   }
 }
 
-// e4m3 cache (the tile holds e4m3 * 2^-112, `fac` the stage's {r, f} per token, see kPow56): the k_pe part first
-// (4 k steps), scaled per column by r in fp32, then the c_kv part (32 steps) accumulated on top, then every column
-// scaled by f. Exact apart from fp32 rounding (the old dequantization to bf16 rounded each k_pe and c_kv value).
+// e4m3 cache (f16 Q and tile: Q rows times 2^e_r, the tile's e4m3 codes; `fac` the stage's {r, f = s_c} per token):
+// the k_pe part first (4 k steps), scaled per column by r in fp32, then the c_kv part (32 steps) accumulated on top,
+// then every column scaled by f. S then carries each row's 2^e_r (folded into its log2 scale). Exact apart from fp32
+// rounding (the old dequantization to bf16 rounded each k_pe and c_kv value).
 __device__ __forceinline__ void qk_gemm_fp8(float (&s)[32], uint32_t q, uint32_t kv, const float* fac, int quad) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  qk_steps<kVDim / 16, kKvDim / 16, true>(s, q, kv);  // k_pe
+  qk_steps<kVDim / 16, kKvDim / 16, true, true>(s, q, kv);  // k_pe
   scale_cols_fp8<false>(s, fac, quad);
-  qk_steps<0, kVDim / 16, false>(s, q, kv);  // c_kv, accumulated on top
+  qk_steps<0, kVDim / 16, false, true>(s, q, kv);  // c_kv, accumulated on top
   scale_cols_fp8<true>(s, fac, quad);
 }
 
 // O[64 x 256] += P[64 x 64] V[64 x 256]: V's 256 columns are 4 column blocks of the tile (8 KB apart), 16 tokens are
 // two 8-row groups (2 KB per k step).
-// With `restart`, O = P V instead (whatever O held, even NaN, is discarded).
+// With `restart`, O = P V instead (whatever O held, even NaN, is discarded). kF16: f16 P and V (e4m3 cache).
+template <bool kF16>
 __device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v, bool restart) {
   fence_regs(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk)
-    wgmma_m64n256k16_ss_tb(o, smem_desc(sp + kk * 32, 16), smem_desc(v + kk * 2048, kColBlockBytes),
+    wgmma_m64n256k16_ss_tb<kF16>(o, smem_desc(sp + kk * 32, 16), smem_desc(v + kk * 2048, kColBlockBytes),
                            kk > 0 || !restart);
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(o);
+}
+
+// e4m3 cache: the landed bf16 Q tile -> f16 in place, each row r times 2^e_r (f16_row_exponent: its max |q| 2^e_r in
+// [2^14, 2^15)), by warpgroup 0 at a sequence's first tile. bf16 -> f16 after the power-of-two scale is exact for every
+// value within 2^31 of the row max (f16 keeps bf16's 8 significant bits down to 2^-17); smaller ones round to a
+// multiple of 2^-24, an absolute error below 2^-39 of the row max. A thread converts its accumulator rows r_lo, r_hi
+// with the other 3 lanes of its quad (lane q: chunks q and q + 4 of each column block): one pass for the max, one
+// for the conversion. Returns 2^-e_r of both rows (for their log2 softmax scales).
+__device__ __forceinline__ float2 q_to_f16(uint32_t sq, int r_lo, int r_hi, int quad) {
+  auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };  // bf16 -> fp32: the pattern shifted up
+  auto hi = [](uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); };
+  float inv[2];
+#pragma unroll
+  for (int hs = 0; hs < 2; ++hs) {
+    const int r = hs ? r_hi : r_lo;
+    auto chunk = [&](int i) {  // i = 2 k + h: chunk quad + 4 h of column block k
+      return sq + (i >> 1) * kColBlockBytes + r * 128 + (((quad + 4 * (i & 1)) ^ (r & 7)) << 4);
+    };
+    float mx = 0.f;
+#pragma unroll
+    for (int i = 0; i < 18; ++i) {
+      const uint4 v = ld_shared_v4(chunk(i));
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fmaxf(fabsf(lo(w[e])), fabsf(hi(w[e]))));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const int e = f16_row_exponent(mx);
+    const float up = __int_as_float((127 + e) << 23);
+#pragma unroll
+    for (int i = 0; i < 18; ++i) {
+      const uint4 v = ld_shared_v4(chunk(i));
+      st_shared_v4(chunk(i), pack_f16x2(lo(v.x) * up, hi(v.x) * up), pack_f16x2(lo(v.y) * up, hi(v.y) * up),
+                   pack_f16x2(lo(v.z) * up, hi(v.z) * up), pack_f16x2(lo(v.w) * up, hi(v.w) * up));
+    }
+    inv[hs] = __int_as_float((127 - e) << 23);
+  }
+  return make_float2(inv[0], inv[1]);
 }
 
 // Accumulator layout of wgmma m64nN (per warpgroup thread): register i holds row 16 * warp + lane / 4 + 8 * ((i >> 1)
@@ -138,6 +182,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   float* s_alpha = reinterpret_cast<float*>(smem + L::kRow);
   float* s_l = s_alpha + kBlockM;
   float* s_m = s_l + kBlockM;
+  float* s_sig = reinterpret_cast<float*>(smem + L::kSig);  // e4m3: sigma of a sequence's last tile, for the output
   // e4m3 path: full[s] (the producer's 128 threads arrive: stage s converted), empty[s] (all 256 consumer threads
   // arrive: stage s read).
   const uint32_t bar_full = base + L::kBar, bar_empty = bar_full + 16;
@@ -179,9 +224,11 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
   }
   cp_async_commit();
 
-  // e4m3: S and O carry the factor 2^-56 (see kPow56), removed through the log2 scale and the final 1 / l.
-  const float scale_log2 = kFp8 ? p.scale_log2 * kPow56 : p.scale_log2;
-  constexpr float kOutScale = kFp8 ? kPow56 : 1.f;
+  // Log2 softmax scale of rows r_lo and r_hi (warpgroup 0); e4m3: times the rows' 2^-e_r, set at each sequence's
+  // first tile (q_to_f16).
+  float scl_lo = p.scale_log2, scl_hi = p.scale_log2;
+  // e4m3: E of the last tile's sigma = 2^(E - 14), the power-of-two unit that O is held in (see the softmax).
+  int sig_e = 0;
 
   float o[128];
 #pragma unroll
@@ -209,6 +256,19 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
     const uint32_t kv = base + L::kKV + (k & 1) * kTileBytes;
     const float* fac = reinterpret_cast<const float*>(smem + L::kScale + (k & 1) * kScaleTileBytes);
 
+    if constexpr (kFp8) {
+      if (first) {  // a new sequence's Q landed (bf16): to f16 in place by warpgroup 0
+        if (wg == 0) {
+          const float2 inv = q_to_f16(base + L::kQ, r_lo, r_hi, quad);
+          scl_lo = p.scale_log2 * inv.x;
+          scl_hi = p.scale_log2 * inv.y;
+          fence_proxy_async();  // f16 Q, for the wgmma
+        }
+        // Every warp's rows converted. Both warpgroups pass it (barrier 1, as every consumer barrier here): with a
+        // warpgroup-0-only barrier 2 instead, racecheck reported hazards on s_alpha that we could not explain.
+        named_bar_sync<kThreads>(1);
+      }
+    }
     if (wg == 0) {
       float s[32];
       if constexpr (kFp8) qk_gemm_fp8(s, base + L::kQ, kv, fac, quad);
@@ -238,7 +298,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
       }
       // Running max in the log2 domain; a row that has seen no key yet keeps -inf and subtracts 0 instead.
-      const float n_lo = fmaxf(m_lo, mx_lo * scale_log2), n_hi = fmaxf(m_hi, mx_hi * scale_log2);
+      const float n_lo = fmaxf(m_lo, mx_lo * scl_lo), n_hi = fmaxf(m_hi, mx_hi * scl_hi);
       const float u_lo = n_lo == -INFINITY ? 0.f : n_lo, u_hi = n_hi == -INFINITY ? 0.f : n_hi;
       a_lo = fast_exp2(m_lo - u_lo);
       a_hi = fast_exp2(m_hi - u_hi);
@@ -248,30 +308,55 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         if (i & 2) {
-          s[i] = fast_exp2(fmaf(s[i], scale_log2, -u_hi));
+          s[i] = fast_exp2(fmaf(s[i], scl_hi, -u_hi));
           sum_hi += s[i];
         } else {
-          s[i] = fast_exp2(fmaf(s[i], scale_log2, -u_lo));
+          s[i] = fast_exp2(fmaf(s[i], scl_lo, -u_lo));
           sum_lo += s[i];
         }
       }
       l_lo = l_lo * a_lo + sum_lo;
       l_hi = l_hi * a_hi + sum_hi;
-      // P (bf16) in the K-major swizzled layout that the PV wgmma reads as its A operand. e4m3: P's columns carry
-      // the tokens' value factors f (the V tile holds unscaled e4m3 * 2^-112).
+      // e4m3: P enters the PV product as f16 P s_c / sigma, sigma = 2^(E - 14) with E = floor(log2 max s_c) over the
+      // tile's 64 tokens (this thread's 16 columns and its quad's), so that it stays below 2^15 (P <= 1); tokens
+      // whose s_c lies more than 2^28 below the tile's largest become f16 subnormals (absolute error under 2^-25
+      // sigma |v|). O is held in units of the last tile's sigma: alpha' = alpha sigma_{k-1} / sigma_k (a power of
+      // two, exact; a tile that restarts O ignores it), the output is O sigma / l.
+      float g_sig = 1.f;  // 1 / sigma
+      if constexpr (kFp8) {
+        float smax = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
+          smax = fmaxf(smax, fmaxf(rf.y, rf.w));
+        }
+        smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 1));
+        smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 2));
+        // Scales are >= 0: E from the exponent field, clamped so that sigma and 1 / sigma stay normal fp32.
+        const int e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
+        g_sig = __int_as_float((127 + 14 - e) << 23);
+        const float ratio = __int_as_float((127 + min(max(sig_e - e, -126), 127)) << 23);
+        sig_e = e;
+        a_lo *= ratio;
+        a_hi *= ratio;
+      }
+      // P (bf16; e4m3: f16 P s_c / sigma, the V tile holding the unscaled codes) in the K-major swizzled layout that
+      // the PV wgmma reads as its A operand.
       const uint32_t sp = base + L::kP;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if constexpr (kFp8) {
           const float4 rf = *reinterpret_cast<const float4*>(fac + (8 * j + 2 * quad) * 2);
-          s[4 * j] *= rf.y;
-          s[4 * j + 1] *= rf.w;
-          s[4 * j + 2] *= rf.y;
-          s[4 * j + 3] *= rf.w;
+          const float g0 = rf.y * g_sig, g1 = rf.w * g_sig;
+          s[4 * j] *= g0;
+          s[4 * j + 1] *= g1;
+          s[4 * j + 2] *= g0;
+          s[4 * j + 3] *= g1;
         }
+        auto pack = [](float x, float y) { return kFp8 ? pack_f16x2(x, y) : pack_bf16x2(x, y); };
         const uint32_t col = ((j ^ (r_lo & 7)) << 4) + quad * 4;  // r_hi & 7 == r_lo & 7
-        st_shared_b32(sp + r_lo * 128 + col, pack_bf16x2(s[4 * j], s[4 * j + 1]));
-        st_shared_b32(sp + r_hi * 128 + col, pack_bf16x2(s[4 * j + 2], s[4 * j + 3]));
+        st_shared_b32(sp + r_lo * 128 + col, pack(s[4 * j], s[4 * j + 1]));
+        st_shared_b32(sp + r_hi * 128 + col, pack(s[4 * j + 2], s[4 * j + 3]));
       }
       if (quad == 0) {
         s_alpha[r_lo] = a_lo;
@@ -290,6 +375,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
           s_m[r_lo] = m_lo;
           s_m[r_hi] = m_hi;
         }
+        if (kFp8 && threadIdx.x == 0) s_sig[0] = __int_as_float((127 - 14 + sig_e) << 23);
       }
       fence_proxy_async();
     }
@@ -312,7 +398,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
     }
-    pv_gemm(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
+    pv_gemm<kFp8>(o, base + L::kP, kv + wg * 4 * kColBlockBytes, first);
 
     if constexpr (kFp8) {
       // Stage k & 1 fully read (S and the scale slot before the middle barrier, V just now): the producer may refill
@@ -325,12 +411,13 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
 
     if (last) {
       const int ns = __ldg(p.nsplit + cur.b);
+      const float out_scale = kFp8 ? s_sig[0] : 1.f;
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {
         const int r = hs ? r_hi : r_lo, g = m_block * kBlockM + r;
         if (g >= p.rows) continue;
         const float l = s_l[r], m = s_m[r];
-        const float inv = l > 0.f ? kOutScale / l : 0.f;
+        const float inv = l > 0.f ? out_scale / l : 0.f;
         const float lse = l > 0.f ? m * 0.69314718055994531f + logf(l) : (ns == 1 ? INFINITY : -INFINITY);
         const int col0 = wg * 256 + 2 * quad;
         if (ns == 1) {

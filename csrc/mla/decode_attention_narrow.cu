@@ -692,15 +692,7 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
     }
 #pragma unroll
     for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    // mx 2^e in [2^14, 2^15); e <= 100 keeps 2^-e (and its product with the softmax scale) a normal fp32, for rows
-    // whose max is below 2^-86 (they then just use less of f16's range). Infinite rows keep e = 0.
-    int e = 0;
-    if (mx > 0.f && mx <= 3.4028234663852886e38f) {
-      // floor(log2 mx) from the exponent field (subnormal maxima scaled into the normal range first).
-      const int fl = mx >= 1.17549435e-38f ? ((__float_as_int(mx) >> 23) & 0xFF) - 127
-                                           : ((__float_as_int(mx * 18446744073709551616.f) >> 23) & 0xFF) - 191;
-      e = min(14 - fl, 100);
-    }
+    const int e = f16_row_exponent(mx);
     const float up = __int_as_float((127 + e) << 23);
 #pragma unroll
     for (int k = 0; k < 9; ++k) {

@@ -123,14 +123,18 @@ __device__ __forceinline__ void bf16_next_tile(const DecodeParams& p, uint32_t k
 
 // ---- e4m3 cache: producer warpgroup -------------------------------------------------------------------------------
 // Per-token factors of an e4m3 tile (float2 per token, in the stage's scale slot): r = s_pe / s_c scales the k_pe
-// part of a score relative to the c_kv part, f = s_c * 2^56 scales S and P for that token. With the converted tile
-// holding e4m3 * 2^-112 (e4m3x4_to_bf16x4_pow2), S = (acc_c + r acc_pe) f carries a factor 2^-56 (folded into the
-// log2 scale) and O = sum P f V carries 2^-56 (folded into the final 1 / l). Tokens past the sequence end get {0, 0}.
+// part of a score relative to the c_kv part, f scales S and P for that token. Two stage formats (store_fp8_row):
+//   * f16 (the 64-row kernel): the e4m3 codes as f16 (exact), f = s_c; its consumers run f16 MMAs with Q and P moved
+//     into f16's range by power-of-two factors (decode_attention.cu);
+//   * bf16 (the one-stage narrow kernel): e4m3 * 2^-112 (e4m3x4_to_bf16x4_pow2), f = s_c * 2^56, so S = (acc_c + r
+//     acc_pe) f carries a factor 2^-56 (folded into the log2 scale) and O = sum P f V carries 2^-56 (folded into the
+//     final 1 / l).
+// Tokens past the sequence end get {0, 0}.
 constexpr float kPow56 = 72057594037927936.f;  // 2^56
 
-// One producer thread's share of half a tile: row `row` (tokens 0-31 or 32-63), 16 bytes of each 64-byte column
-// group (9 x 16 bytes, raw e4m3), and the token's two scales.
-struct Fp8Half {
+// One producer thread's share of a token row: 16 bytes of each 64-byte column group (9 x 16 bytes, raw e4m3), and the
+// token's two scales.
+struct Fp8RowPart {
   uint4 w[9];
   float2 sc;
 };
@@ -143,12 +147,11 @@ __device__ __forceinline__ uint4 ld_stream_16(const uint8_t* src) {
   return v;
 }
 
-// 4 threads per token row (64 contiguous bytes per row and instruction: whole sectors), tokens past the end zero.
-__device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h, const Cursor& c, int row, int sub) {
-  const int tok = c.t * kBlockN + row;
-  if (tok < c.len) {
-    const int64_t cr = cache_row(p, c.b, tok);
-    const uint8_t* src = p.kv + cr * kKvDim + sub * 16;
+// 4 threads per token row (64 contiguous bytes per row and instruction: whole sectors); cache row cr (kNoRow: a token
+// past the sequence end, zeros).
+__device__ __forceinline__ void load_fp8_row(const DecodeParams& p, Fp8RowPart& h, uint32_t cr, int sub) {
+  if (cr != kNoRow) {
+    const uint8_t* src = p.kv + static_cast<int64_t>(cr) * kKvDim + sub * 16;
 #pragma unroll
     for (int k = 0; k < 9; ++k) h.w[k] = ld_stream_16(src + k * 64);
     h.sc = __ldg(reinterpret_cast<const float2*>(p.kv_scale) + cr);
@@ -159,16 +162,19 @@ __device__ __forceinline__ void load_fp8_half(const DecodeParams& p, Fp8Half& h,
   }
 }
 
-// Converted half-tile into the swizzled bf16 stage: 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and
-// 2 sub + 1 of column block k. A warp covers 8 consecutive rows: each 8-lane phase writes two rows x 4 even (or odd)
-// chunks, 8 distinct 16-byte bank groups after the swizzle.
-__device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
+// A thread's converted part of a row into the swizzled 16-bit stage (f16 codes with kF16, else bf16 e4m3 * 2^-112; see
+// above): 16 raw bytes (columns 64k + 16 sub ..) become chunks 2 sub and 2 sub + 1 of column block k. A warp covers 8
+// consecutive rows: each 8-lane phase writes two rows x 4 even (or odd) chunks, 8 distinct 16-byte bank groups after
+// the swizzle.
+template <bool kF16>
+__device__ __forceinline__ void store_fp8_row(const Fp8RowPart& h, uint32_t dst, uint32_t dst_scale, int row, int sub) {
   const uint32_t r = dst + row * 128;
   const int x = row & 7;
+  auto cvt = [](uint32_t w) { return kF16 ? e4m3x4_to_f16x4(w) : e4m3x4_to_bf16x4_pow2(w); };
 #pragma unroll
   for (int k = 0; k < 9; ++k) {
-    const uint2 a = e4m3x4_to_bf16x4_pow2(h.w[k].x), b = e4m3x4_to_bf16x4_pow2(h.w[k].y);
-    const uint2 c = e4m3x4_to_bf16x4_pow2(h.w[k].z), d = e4m3x4_to_bf16x4_pow2(h.w[k].w);
+    const uint2 a = cvt(h.w[k].x), b = cvt(h.w[k].y);
+    const uint2 c = cvt(h.w[k].z), d = cvt(h.w[k].w);
     st_shared_v4(r + k * kColBlockBytes + (((2 * sub) ^ x) << 4), a.x, a.y, b.x, b.y);
     st_shared_v4(r + k * kColBlockBytes + (((2 * sub + 1) ^ x) << 4), c.x, c.y, d.x, d.y);
   }
@@ -176,7 +182,8 @@ __device__ __forceinline__ void store_fp8_half(const Fp8Half& h, uint32_t dst, u
     // Scales are positive by construction (amax floored); a zero c_kv scale (not a cache the writer produces)
     // gives r = 0 rather than inf.
     const float rr = h.sc.x > 0.f ? h.sc.y / h.sc.x : 0.f;
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr), "f"(h.sc.x * kPow56)
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst_scale + row * 8), "f"(rr),
+                 "f"(kF16 ? h.sc.x : h.sc.x * kPow56)
                  : "memory");
   }
 }
@@ -198,29 +205,59 @@ __device__ __forceinline__ void init_fp8_stage_barriers(uint32_t bar_full, uint3
   __syncthreads();
 }
 
-// The 64-row kernel's producer loop (its 128 threads; `ld` at the run's first tile): tile j of the run -> bf16 stage
+// One thread's part of row `row` of every tile of a run, for the 64-row kernel's producer (f16 stages): the part of tile j + 1 is
+// loaded into registers as soon as tile j's is stored, and its cache row was resolved one tile earlier still, so that
+// no block-table round trip sits between a conversion and the next load (the profile of the version that looked the
+// row up just before its load showed the producer stalled on those lookups).
+struct Fp8RowStream {
+  Fp8RowPart h;
+  uint32_t next_row;  // cache row of the tile after the one in h
+  Cursor ld;          // that tile
+  int row, sub;
+  __device__ __forceinline__ uint32_t lookup(const DecodeParams& p) const {
+    const int tok = ld.t * kBlockN + row;
+    return tok < ld.len ? static_cast<uint32_t>(cache_row(p, ld.b, tok)) : kNoRow;
+  }
+  // Tile 0 of the run at c (count >= 1) into h.
+  __device__ __forceinline__ void start(const DecodeParams& p, const Cursor& c, int count, int row_, int sub_) {
+    row = row_;
+    sub = sub_;
+    ld = c;
+    load_fp8_row(p, h, lookup(p), sub);
+    ld.advance(p);
+    next_row = count > 1 ? lookup(p) : kNoRow;
+  }
+  // Tile j (in h) converted into a bf16 stage; then tile j + 1 into h and tile j + 2's row resolved.
+  __device__ __forceinline__ void store_and_advance(const DecodeParams& p, int j, int count, uint32_t dst,
+                                                    uint32_t dst_scale) {
+    store_fp8_row<true>(h, dst, dst_scale, row, sub);
+    if (j + 1 < count) {
+      load_fp8_row(p, h, next_row, sub);
+      ld.advance(p);
+      if (j + 2 < count) next_row = lookup(p);
+    }
+  }
+};
+
+// The 64-row kernel's producer loop (its 128 threads; `ld` at the run's first tile): tile j of the run -> f16 stage
 // j & 1 (at kv0 + (j & 1) * kTileBytes, scales at scale0 + (j & 1) * kScaleTileBytes), once the consumers released
-// tile j - 2 there (mbarrier empty[j & 1], then full[j & 1] from all 128 threads). The registers hold one tile (two
-// halves: rows t / 4 and t / 4 + 32); a half's next tile is loaded as soon as its current one is stored, so one tile
-// stays in flight while the consumers work on the previous ones.
-__device__ __forceinline__ void fp8_producer(const DecodeParams& p, Cursor ld, int count, uint32_t kv0,
+// tile j - 2 there (mbarrier empty[j & 1], then full[j & 1] from all 128 threads). A thread streams rows t / 4 and
+// t / 4 + 32 (16-byte chunk t % 4 of each 64-byte group), so one tile stays in flight while the consumers work on the
+// previous ones.
+__device__ __forceinline__ void fp8_producer(const DecodeParams& p, const Cursor& ld, int count, uint32_t kv0,
                                              uint32_t scale0, uint32_t bar_full, uint32_t bar_empty) {
   using mla_prefill::mbar_arrive;
   using mla_prefill::mbar_wait;
-  const int t = threadIdx.x & 127, sub = t & 3, row = t >> 2;
-  Fp8Half h0, h1;
-  load_fp8_half(p, h0, ld, row, sub);
-  load_fp8_half(p, h1, ld, row + 32, sub);
+  const int t = threadIdx.x & 127;
+  Fp8RowStream r0, r1;
+  r0.start(p, ld, count, t >> 2, t & 3);
+  r1.start(p, ld, count, (t >> 2) + 32, t & 3);
   for (int j = 0; j < count; ++j) {
     const int st = j & 1;
     if (j >= 2) mbar_wait(bar_empty + 8 * st, ((j >> 1) - 1) & 1);
-    ld.advance(p);  // now tile j + 1
-    const bool more = j + 1 < count;
     const uint32_t dst = kv0 + st * kTileBytes, dst_scale = scale0 + st * kScaleTileBytes;
-    store_fp8_half(h0, dst, dst_scale, row, sub);
-    if (more) load_fp8_half(p, h0, ld, row, sub);
-    store_fp8_half(h1, dst, dst_scale, row + 32, sub);
-    if (more) load_fp8_half(p, h1, ld, row + 32, sub);
+    r0.store_and_advance(p, j, count, dst, dst_scale);
+    r1.store_and_advance(p, j, count, dst, dst_scale);
     fence_proxy_async();  // the stores, visible to the consumers' wgmma
     mbar_arrive(bar_full + 8 * st);
   }
@@ -234,7 +271,7 @@ constexpr int kRawStageBytes = kRawRowsBytes + kBlockN * 2 * 4;      // + 512 B 
 static_assert(kRawStageBytes % 128 == 0, "raw stages stay 128-byte aligned");
 
 // Issues this thread's share of the tile at cursor c into a raw stage: rows `row` and `row + 32`, 16-byte chunk `sub`
-// of each 64-byte group (the same bytes load_fp8_half would load, so the thread later converts only what it copied
+// of each 64-byte group (the same bytes load_fp8_row would load, so the thread later converts only what it copied
 // itself), plus the row's scales (sub 0). Tokens past the sequence end are zero-filled without a read (the old path's
 // zero rows and {0, 0} scales). Bank-conflict free: an 8-lane phase writes two rows x 64 contiguous bytes, 576 B
 // apart (= 64 mod 128).
@@ -252,8 +289,8 @@ __device__ __forceinline__ void issue_fp8_raw(const DecodeParams& p, const Curso
   }
 }
 
-// This thread's half-row of a landed raw stage into registers (the Fp8Half that store_fp8_half converts).
-__device__ __forceinline__ void load_fp8_raw(Fp8Half& h, uint32_t raw, int row, int sub) {
+// This thread's part of a row of a landed raw stage into registers (the Fp8RowPart that store_fp8_row converts).
+__device__ __forceinline__ void load_fp8_raw(Fp8RowPart& h, uint32_t raw, int row, int sub) {
   const uint32_t src = raw + row * kKvDim + sub * 16;
 #pragma unroll
   for (int k = 0; k < 9; ++k) h.w[k] = ld_shared_v4(src + k * 64);
@@ -285,7 +322,7 @@ __device__ __forceinline__ void fp8_producer_ring(const DecodeParams& p, Cursor 
     cp_async_commit();
   }
   // ld is now at tile kRaw (when count > kRaw), the next one to issue.
-  Fp8Half h0, h1;
+  Fp8RowPart h0, h1;
   for (int j = 0; j < count; ++j) {
     const uint32_t raw = raw0 + (j % kRaw) * kRawStageBytes;
     cp_async_wait<kRaw - 1>();
@@ -298,8 +335,8 @@ __device__ __forceinline__ void fp8_producer_ring(const DecodeParams& p, Cursor 
     }
     cp_async_commit();
     if (j >= 1) mbar_wait(bar_empty, (j - 1) & 1);
-    store_fp8_half(h0, kv0, scale0, row, sub);
-    store_fp8_half(h1, kv0, scale0, row + 32, sub);
+    store_fp8_row<false>(h0, kv0, scale0, row, sub);
+    store_fp8_row<false>(h1, kv0, scale0, row + 32, sub);
     fence_proxy_async();  // the stores, visible to the consumers' wgmma
     mbar_arrive(bar_full);
   }
