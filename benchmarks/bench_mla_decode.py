@@ -11,7 +11,7 @@ FLOPs = 2 * s_q * H * sum(L_b) * (576 + 512). The torch version gathers each seq
 Kernels (see the file headers): H * s_q <= 32 runs the narrow kernel (csrc/mla/decode_attention_narrow.cu:
 transposed MMAs, S^T = K Q^T and O^T = V^T P^T with N = 16 or 32, so no padded query rows), the rest the 64-row
 kernel (csrc/mla/decode_attention.cu: warpgroup 0 Q K^T + softmax, both warpgroups P V, warpgroup 1 loading the next
-tile; FP8 through a converting producer warpgroup). Metadata -> main -> combine are chained by programmatic launch.
+tile; FP8 through a producer warpgroup converting e4m3 into f16 stages, with f16 MMAs). Metadata -> main -> combine are chained by programmatic launch.
 `DSV2_DECODE_NARROW=0` forces the 64-row kernel for A/B runs. FP8 at H * s_q <= 32 runs the narrow file's pipelined
 kernel (a cp.async-only producer filling a raw e4m3 ring; scores and values warpgroups convert into f16 wgmma register
 fragments); `DSV2_DECODE_FP8_PIPE=0` runs the one-stage path.
@@ -37,7 +37,9 @@ Predictions and results (H200, B=128, page 64; benchmarks/RESULTS.md has the tab
   (O^T rescaled only when a column max moves by > 2^8) 148 us (1.17x), H=16 unchanged at 112 us. Thirteenth
   session: the N=16 PV by per-warp mma.sync, predicted ~100 us, measured 107 us at H=16 (1.49x; 1.52-1.54x at 8192 /
   16384); at N=32 the mask and per-warp maxima moved to the scores warpgroup, predicted ~135 us, measured 137 us at
-  H=32 and H=16 s_q=2 (1.24x).
+  H=32 and H=16 s_q=2 (1.24x). Fourteenth session, the 64-row kernel (H * s_q > 32) in f16 (stages of f16 codes,
+  Q and P in f16 with power-of-two factors): predicted 452 -> 320-340 us at H=128 s_k=4096, measured 410 us
+  (0.74-0.76x bf16, from 0.67x); 0.85-0.88x at 16384, H=64 0.79-0.88x.
 * The torch version materializes the gathered (FP8: dequantized) cache and the fp32 scores: several times the bytes
   and three extra passes; measured 4.6-31x slower.
 """
