@@ -582,6 +582,11 @@ def decode_attention(
     sits at position L - n_b + t, exactly as in a call with s_q = n_b; the padding rows before it are computed and
     can be ignored.
 
+    Precision (CUDA kernels): fp32 accumulation and softmax. bf16 cache: P rounded to bf16 for the P V product. FP8
+    cache: the MMAs run in f16 on the e4m3 codes (exact), Q rounded to f16 after a per-row power-of-two scale, P s_c
+    (s_c the token's c_kv scale) rounded to f16 after a per-tile power-of-two scale; the scales are applied in fp32.
+    The tests hold outputs within 2e-2 (bf16) / 6e-2 (FP8) of the fp32 reference, lse within 1e-3 / 5e-2.
+
     Args:
         q: [B, s_q, H, 576] bf16, last dimension contiguous: ``[q_nope @ W_UK (512) | rope(q_pe) (64)]``.
         kv_cache, kv_scale: as written by :func:`compress_kv` (bf16 with None, or e4m3 with fp32 [..., 2] scales).

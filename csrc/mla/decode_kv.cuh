@@ -1,8 +1,9 @@
 // KV-side device pieces shared by the two MLA decode kernels (decode_attention.cu: 64 query rows per CTA;
 // decode_attention_narrow.cu: H * s_q <= 32 rows, transposed MMAs): the run cursor over a CTA part's tiles, the paged
 // row lookup, the bf16 tile and Q loads into the swizzled shared layout, the e4m3 producer warpgroups that stream raw
-// rows and convert them into bf16 stages (see decode_attention.cu for the scale folding they rely on), and the raw-ring
-// producer of the pipelined narrow e4m3 kernel (its consumers convert in registers).
+// rows and convert them into 16-bit stages (f16 for the 64-row kernel, bf16 for the one-stage narrow one; see
+// store_fp8_row for the scale folding they rely on), and the raw-ring producer of the pipelined narrow e4m3 kernel
+// (its consumers convert in registers).
 #pragma once
 
 #include "decode_common.cuh"
