@@ -228,7 +228,7 @@ struct Fp8RowStream {
     ld.advance(p);
     next_row = count > 1 ? lookup(p) : kNoRow;
   }
-  // Tile j (in h) converted into a bf16 stage; then tile j + 1 into h and tile j + 2's row resolved.
+  // Tile j (in h) converted into an f16 stage; then tile j + 1 into h and tile j + 2's row resolved.
   __device__ __forceinline__ void store_and_advance(const DecodeParams& p, int j, int count, uint32_t dst,
                                                     uint32_t dst_scale) {
     store_fp8_row<true>(h, dst, dst_scale, row, sub);
