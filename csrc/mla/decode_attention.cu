@@ -39,6 +39,7 @@
 #include "decode_common.cuh"
 #include "decode_kv.cuh"      // cursor, tile loads, e4m3 producer
 #include "prefill_common.cuh"  // mbarriers, named barriers, setmaxnreg
+#include "rope_common.cuh"     // unpack_bf16x8
 
 namespace dsv2 {
 namespace mla_decode {
@@ -133,8 +134,6 @@ __device__ __forceinline__ void pv_gemm(float (&o)[128], uint32_t sp, uint32_t v
 // with the other 3 lanes of its quad (lane q: chunks q and q + 4 of each column block): one pass for the max, one
 // for the conversion. Returns 2^-e_r of both rows (for their log2 softmax scales).
 __device__ __forceinline__ float2 q_to_f16(uint32_t sq, int r_lo, int r_hi, int quad) {
-  auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };  // bf16 -> fp32: the pattern shifted up
-  auto hi = [](uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); };
   float inv[2];
 #pragma unroll
   for (int hs = 0; hs < 2; ++hs) {
@@ -142,13 +141,12 @@ __device__ __forceinline__ float2 q_to_f16(uint32_t sq, int r_lo, int r_hi, int 
     auto chunk = [&](int i) {  // i = 2 k + h: chunk quad + 4 h of column block k
       return sq + (i >> 1) * kColBlockBytes + r * 128 + (((quad + 4 * (i & 1)) ^ (r & 7)) << 4);
     };
-    float mx = 0.f;
+    float mx = 0.f, x[8];
 #pragma unroll
     for (int i = 0; i < 18; ++i) {
-      const uint4 v = ld_shared_v4(chunk(i));
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      mla_rope::unpack_bf16x8(ld_shared_v4(chunk(i)), x);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fmaxf(fabsf(lo(w[e])), fabsf(hi(w[e]))));
+      for (int e = 0; e < 8; ++e) mx = fmaxf(mx, fabsf(x[e]));
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -156,9 +154,9 @@ __device__ __forceinline__ float2 q_to_f16(uint32_t sq, int r_lo, int r_hi, int 
     const float up = __int_as_float((127 + e) << 23);
 #pragma unroll
     for (int i = 0; i < 18; ++i) {
-      const uint4 v = ld_shared_v4(chunk(i));
-      st_shared_v4(chunk(i), pack_f16x2(lo(v.x) * up, hi(v.x) * up), pack_f16x2(lo(v.y) * up, hi(v.y) * up),
-                   pack_f16x2(lo(v.z) * up, hi(v.z) * up), pack_f16x2(lo(v.w) * up, hi(v.w) * up));
+      mla_rope::unpack_bf16x8(ld_shared_v4(chunk(i)), x);
+      st_shared_v4(chunk(i), pack_f16x2(x[0] * up, x[1] * up), pack_f16x2(x[2] * up, x[3] * up),
+                   pack_f16x2(x[4] * up, x[5] * up), pack_f16x2(x[6] * up, x[7] * up));
     }
     inv[hs] = __int_as_float((127 - e) << 23);
   }
