@@ -391,8 +391,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
       a_lo = s_alpha[r_lo];
       a_hi = s_alpha[r_hi];
     }
-    // bf16 cache: a warp-uniform skip (multiplying by exactly 1 changes nothing; a restart discards O).
-    if (kFp8 || (!first && !__all_sync(0xffffffffu, a_lo == 1.f && a_hi == 1.f))) {
+    // A warp-uniform skip (multiplying by exactly 1 changes nothing; a restart discards O). e4m3: alpha includes the
+    // sigma ratio, 1 while the tile's largest scale stays in the same binade.
+    if (!first && !__all_sync(0xffffffffu, a_lo == 1.f && a_hi == 1.f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= (i & 2) ? a_hi : a_lo;
     }
