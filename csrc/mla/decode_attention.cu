@@ -151,14 +151,14 @@ __device__ __forceinline__ float2 q_to_f16(uint32_t sq, int r_lo, int r_hi, int 
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const int e = f16_row_exponent(mx);
-    const float up = __int_as_float((127 + e) << 23);
+    const float up = pow2f(e);
 #pragma unroll
     for (int i = 0; i < 18; ++i) {
       mla_rope::unpack_bf16x8(ld_shared_v4(chunk(i)), x);
       st_shared_v4(chunk(i), pack_f16x2(x[0] * up, x[1] * up), pack_f16x2(x[2] * up, x[3] * up),
                    pack_f16x2(x[4] * up, x[5] * up), pack_f16x2(x[6] * up, x[7] * up));
     }
-    inv[hs] = __int_as_float((127 - e) << 23);
+    inv[hs] = pow2f(-e);
   }
   return make_float2(inv[0], inv[1]);
 }
@@ -332,9 +332,9 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
         smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 1));
         smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 2));
         // Scales are >= 0: E from the exponent field, clamped so that sigma and 1 / sigma stay normal fp32.
-        const int e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
-        g_sig = __int_as_float((127 + 14 - e) << 23);
-        const float ratio = __int_as_float((127 + min(max(sig_e - e, -126), 127)) << 23);
+        const int e = sigma_exponent(smax);
+        g_sig = pow2f(14 - e);
+        const float ratio = pow2f(sigma_shift(sig_e, e));
         sig_e = e;
         a_lo *= ratio;
         a_hi *= ratio;
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kCtaThreads<kFp8>, 1) decode_kernel(const __gr
           s_m[r_lo] = m_lo;
           s_m[r_hi] = m_hi;
         }
-        if (kFp8 && threadIdx.x == 0) s_sig[0] = __int_as_float((127 - 14 + sig_e) << 23);
+        if (kFp8 && threadIdx.x == 0) s_sig[0] = pow2f(sig_e - 14);
       }
       fence_proxy_async();
     }

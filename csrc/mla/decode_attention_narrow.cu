@@ -693,7 +693,7 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
 #pragma unroll
     for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     const int e = f16_row_exponent(mx);
-    const float up = __int_as_float((127 + e) << 23);
+    const float up = pow2f(e);
 #pragma unroll
     for (int k = 0; k < 9; ++k) {
       const uint32_t w[4] = {v[it][k].x, v[it][k].y, v[it][k].z, v[it][k].w};
@@ -704,7 +704,7 @@ __device__ __forceinline__ void store_q_f16(const DecodeParams& p, const uint4 (
                       pack_f16x2(lo(w[x]) * up, hi(w[x]) * up));
       }
     }
-    if (sub == 0) qscale[row] = p.scale_log2 * __int_as_float((127 - e) << 23);
+    if (sub == 0) qscale[row] = p.scale_log2 * pow2f(-e);
   }
 }
 
@@ -1069,10 +1069,10 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
 
     // sigma = 2^(E - 14 + kLazyMax) with E = floor(log2 max s_c) (scales are >= 0: the exponent field; clamped so
     // that sigma and 1 / sigma stay normal fp32): P s_c / sigma < 2^15 for P <= 2^kLazyMax, inside f16's range.
-    const int sig_e = min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
-    const float inv_sigma = __int_as_float((127 + 14 - kLazyMax - sig_e) << 23);
+    const int sig_e = sigma_exponent(smax);
+    const float inv_sigma = pow2f(14 - kLazyMax - sig_e);
     // O^T is in units of the previous tile's sigma: times sigma_{k-1} / sigma_k (first tile: O restarts).
-    const float ratio = __int_as_float((127 + (first ? 0 : min(max(sig_prev - sig_e, -126), 127))) << 23);
+    const float ratio = pow2f(first ? 0 : sigma_shift(sig_prev, sig_e));
     sig_prev = sig_e;
     float a[kCols];
     softmax_update<kN, kLazyMax>(s, w, qs, m, l, a);
@@ -1112,7 +1112,7 @@ __device__ __forceinline__ void narrow_fp8_values(const DecodeParams& p, Cursor 
     }
 
     if (last) {  // output factor sigma / l per column, and the lse
-      const float sigma = __int_as_float((127 - 14 + kLazyMax + sig_e) << 23);
+      const float sigma = pow2f(sig_e + kLazyMax - 14);
       const int ns = __ldg(p.nsplit + cur.b);
       const int64_t slot = ns == 1 ? 0 : __ldg(p.cu_partial + cur.b) + split;
 #pragma unroll

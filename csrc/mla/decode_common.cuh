@@ -171,6 +171,17 @@ __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// 2^e as an fp32 bit pattern (exact; e in [-126, 127]): the e4m3 kernels' power-of-two factors.
+__device__ __forceinline__ float pow2f(int e) { return __int_as_float((127 + e) << 23); }
+// E = floor(log2 smax) of a tile's largest per-token scale (>= 0: the exponent field), clamped to [-100, 127] so that
+// the e4m3 kernels' per-tile sigma = 2^(E + const) and its inverse stay normal fp32 (zero scales give -100).
+__device__ __forceinline__ int sigma_exponent(float smax) {
+  return min(max(((__float_as_int(smax) >> 23) & 0xFF) - 127, -100), 127);
+}
+// log2 of sigma_prev / sigma (clamped to pow2f's range): pow2f of it moves O from the previous tile's sigma units to
+// this one's.
+__device__ __forceinline__ int sigma_shift(int e_prev, int e) { return min(max(e_prev - e, -126), 127); }
+
 // The power of two 2^e that moves a query row whose max |q| is mx into f16's range for the e4m3 kernels' f16 MMAs: mx
 // 2^e in [2^14, 2^15). e <= 100 keeps 2^-e (and its product with the softmax scale) a normal fp32, for rows whose max
 // is below 2^-86 (they then just use less of f16's range). Zero and infinite rows keep e = 0.
